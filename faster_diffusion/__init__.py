@@ -1,0 +1,47 @@
+"""faster-diffusion: training-free Stable Diffusion acceleration by UNet encoder propagation.
+
+    import faster_diffusion
+    accel = faster_diffusion.enable(pipe, key_steps="paper", parallel=True, noise_injection=0.003)
+    image = pipe("a photo of a cat", num_inference_steps=50).images[0]   # the ordinary call
+    accel.stats                     # encoder / decoder passes of the last call
+    faster_diffusion.disable(pipe)  # the stock pipeline again
+
+Important args: ``key_steps`` (which steps run the UNet encoder) and ``parallel``
+(run the decoders of a key step's group as one batch). Args to tinker with:
+``max_parallel`` (steps per decoder batch, bounds memory), ``noise_injection``
+and ``noise_injection_timestep`` (prior noise injection: adds
+``noise_injection * z_T`` to the latent at steps with t below the threshold).
+"""
+
+from diffusers import UNet2DConditionModel
+
+from .accelerator import FasterDiffusion
+from .schedules import PAPER_SCHEDULES, key_step_indices, parse_key_steps
+
+__all__ = ["FasterDiffusion", "enable", "disable", "key_step_indices", "parse_key_steps", "PAPER_SCHEDULES"]
+
+
+def enable(
+    pipe,
+    key_steps="paper",
+    parallel: bool = True,
+    max_parallel: int | None = None,
+    noise_injection: float = 0.003,
+    noise_injection_timestep: float = 500,
+) -> FasterDiffusion:
+    """Accelerates ``pipe`` (a diffusers pipeline with a UNet2DConditionModel, or the UNet itself).
+
+    Enabling an already accelerated pipeline replaces its settings. Returns the
+    accelerator; use it as a context manager to disable on exit.
+    """
+    disable(pipe)
+    accel = FasterDiffusion(pipe, key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
+    return accel.enable()
+
+
+def disable(pipe) -> None:
+    """Removes the acceleration from ``pipe``; a no-op if it has none."""
+    unet = pipe if isinstance(pipe, UNet2DConditionModel) else getattr(pipe, "unet", None)
+    accel = getattr(unet, "_faster_diffusion", None)
+    if accel is not None:
+        accel.disable()

@@ -1,0 +1,359 @@
+"""The accelerator: owns the state of one denoising run and drives the UNet split.
+
+``FasterDiffusion`` attaches to a diffusers pipeline without replacing its
+``__call__``. Every diffusers pipeline wraps its denoising loop in
+``with self.progress_bar(total=...)``; the accelerator wraps that method, so a
+*run* starts when the loop starts and ends (caches freed, stats final) when it
+ends, even if the loop raises. Inside a run:
+
+- each UNet call is one sampling step (the SD-family loops call the UNet once
+  per step, with the classifier-free-guidance batch concatenated); the step
+  index decides whether the encoder runs (``schedules.key_step_indices``);
+- in parallel mode, a key step's UNet call also runs the decoders of the
+  following non-key steps in one batch, and their outputs are returned at those
+  steps without running the UNet;
+- a ControlNet runs only at key steps; its residuals are replayed otherwise;
+- prior noise injection adds ``noise_injection * z_T`` to the latent after each
+  scheduler step whose *next* timestep is below ``noise_injection_timestep``.
+
+A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from .schedules import key_step_indices, parse_key_steps
+from .unet_split import (
+    ENCODER_HOOK,
+    EncoderCacheHook,
+    EncoderMode,
+    ModelHook,
+    add_hook,
+    encoder_modules,
+    remove_hook,
+    repeat_batch,
+)
+
+UNET_HOOK = "faster_diffusion_unet"
+CONTROLNET_HOOK = "faster_diffusion_controlnet"
+_UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
+
+
+@dataclass
+class _Run:
+    """State of one denoising run. Timesteps are resolved at the first UNet call if not given."""
+
+    timesteps: list | None
+    key_steps: set = field(default_factory=set)
+    step: int = 0  # index of the next UNet call
+    precomputed: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
+    initial_latent: torch.Tensor | None = None
+    scheduler_steps: int = 0
+    encoder_passes: int = 0
+    decoder_passes: int = 0
+    unet_calls: int = 0
+    controlnet_passes: int = 0
+
+
+class FasterDiffusion:
+    """Encoder propagation on a diffusers pipeline (or a bare UNet). Create it with ``faster_diffusion.enable``."""
+
+    def __init__(
+        self,
+        pipe_or_unet,
+        key_steps="paper",
+        parallel: bool = True,
+        max_parallel: int | None = None,
+        noise_injection: float = 0.003,
+        noise_injection_timestep: float = 500,
+    ):
+        self.pipe = None if isinstance(pipe_or_unet, UNet2DConditionModel) else pipe_or_unet
+        self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
+        if not isinstance(self.unet, UNet2DConditionModel):
+            found = type(pipe_or_unet).__name__ if self.pipe is None else f"{type(self.pipe).__name__}.unet of type {type(self.unet).__name__}"
+            raise TypeError(
+                f"faster_diffusion.enable needs a pipeline with a UNet2DConditionModel `unet` or the UNet itself; got {found}"
+            )
+        self.set_params(key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
+        self.stats: dict = {}
+        self._run: _Run | None = None
+        self._mode = EncoderMode()
+        self._cache_hooks: list[ModelHook] = []  # hooks holding per-run caches
+        self._controlnets: list[torch.nn.Module] = []
+        self._enabled = False
+
+    # -- configuration -------------------------------------------------------------------------------------------
+
+    def set_params(self, key_steps="paper", parallel=True, max_parallel=None, noise_injection=0.003, noise_injection_timestep=500):
+        """Validates and sets the acceleration parameters (takes effect at the next run)."""
+        parse_key_steps(key_steps)
+        if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
+            raise ValueError(f"max_parallel={max_parallel!r} must be None or an integer >= 1")
+        if not 0 <= float(noise_injection) <= 1:
+            raise ValueError(f"noise_injection={noise_injection!r} must lie in [0, 1]")
+        self.key_steps = key_steps
+        self.parallel = bool(parallel)
+        self.max_parallel = max_parallel
+        self.noise_injection = float(noise_injection)
+        self.noise_injection_timestep = float(noise_injection_timestep)
+
+    # -- install / remove ------------------------------------------------------------------------------------------
+
+    def enable(self) -> "FasterDiffusion":
+        if self._enabled:
+            return self
+        for module in encoder_modules(self.unet):
+            hook = EncoderCacheHook(self._mode)
+            add_hook(module, hook, ENCODER_HOOK)
+            self._cache_hooks.append(hook)
+        add_hook(self.unet, _UNetHook(self), UNET_HOOK)
+        controlnet = getattr(self.pipe, "controlnet", None)
+        if controlnet is not None:
+            hook = _ControlNetHook(self)
+            add_hook(controlnet, hook, CONTROLNET_HOOK)
+            self._controlnets = [controlnet]
+            self._cache_hooks.append(hook)
+        if self.pipe is not None:
+            # Instance attribute shadowing DiffusionPipeline.progress_bar; removed by disable().
+            self.pipe.progress_bar = self._progress_bar
+        self.unet._faster_diffusion = self
+        self._enabled = True
+        return self
+
+    def disable(self) -> None:
+        """Removes every hook; the pipeline is the stock one again."""
+        if not self._enabled:
+            return
+        self._end_run()
+        for module in encoder_modules(self.unet):
+            remove_hook(module, ENCODER_HOOK)
+        remove_hook(self.unet, UNET_HOOK)
+        for controlnet in self._controlnets:
+            remove_hook(controlnet, CONTROLNET_HOOK)
+        if self.pipe is not None:
+            self.pipe.__dict__.pop("progress_bar", None)
+        self.unet.__dict__.pop("_faster_diffusion", None)
+        self._cache_hooks, self._controlnets = [], []
+        self._enabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.disable()
+
+    # -- runs ------------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def denoising_run(self, timesteps=None):
+        """Brackets one sampling loop. ``timesteps``: the loop's timesteps; if None, read from the
+        pipeline's scheduler at the first UNet call (the loop may run a head or tail of them)."""
+        if not self._enabled:
+            raise RuntimeError("faster_diffusion: denoising_run() on a disabled accelerator")
+        if self._run is not None:
+            raise RuntimeError("faster_diffusion: denoising runs cannot be nested")
+        if timesteps is None and self.pipe is None:
+            raise ValueError("faster_diffusion: denoising_run(timesteps) needs the loop's timesteps on a bare UNet")
+        self._run = _Run(timesteps=None)
+        if timesteps is not None:
+            self._start(list(timesteps))
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if self.noise_injection > 0 and scheduler is not None:
+            scheduler.step = self._wrap_scheduler_step(scheduler.step)
+        try:
+            yield self
+        finally:
+            if scheduler is not None:
+                scheduler.__dict__.pop("step", None)
+            self._end_run()
+
+    def _progress_bar(self, iterable=None, total=None):
+        bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
+        if iterable is not None:  # not the `with self.progress_bar(total=...)` loop form
+            return bar
+        return _chain_contexts(self.denoising_run(), bar)
+
+    def _start(self, timesteps: list) -> None:
+        run = self._run
+        run.timesteps = timesteps
+        run.key_steps = set(key_step_indices(self.key_steps, len(timesteps)))
+
+    def _resolve_timesteps(self, timestep) -> None:
+        """Finds the loop's timesteps in the pipeline scheduler's list from the first UNet call."""
+        all_t = list(self.pipe.scheduler.timesteps)
+        t = _as_float(timestep)
+        n = getattr(self.pipe, "_num_timesteps", None) or len(all_t)
+        n = min(n, len(all_t))
+        tail = len(all_t) - n
+        if float(all_t[tail]) == t:  # img2img / inpainting: strength keeps the tail
+            start = tail
+        else:  # full list, or SDXL's denoising_end keeps the head
+            matches = [j for j, s in enumerate(all_t) if float(s) == t]
+            if not matches:
+                raise RuntimeError(f"faster_diffusion: UNet called at t={t}, which is not in the scheduler's timesteps")
+            start = matches[0]
+        self._start(all_t[start : start + n])
+
+    def _end_run(self) -> None:
+        run, self._run = self._run, None
+        self._mode.active = False
+        for hook in self._cache_hooks:
+            hook.cache = None
+        if run is None or run.timesteps is None:
+            return
+        self.stats = {
+            "steps": len(run.timesteps),
+            "key_steps": sorted(run.key_steps),
+            "encoder_passes": run.encoder_passes,
+            "decoder_passes": run.decoder_passes,
+            "unet_calls": run.unet_calls,
+            "controlnet_passes": run.controlnet_passes,
+            "parallel": self.parallel,
+            "noise_injection": self.noise_injection,
+        }
+
+    def _decoder_steps(self, i: int) -> list[int]:
+        """The steps whose decoders run in the UNet call of step ``i``."""
+        run = self._run
+        if not self.parallel:
+            return [i]
+        limit = len(run.timesteps) if self.max_parallel is None else min(len(run.timesteps), i + self.max_parallel)
+        steps = [i]
+        while steps[-1] + 1 < limit and steps[-1] + 1 not in run.key_steps:
+            steps.append(steps[-1] + 1)
+        return steps
+
+    def _wrap_scheduler_step(self, step):
+        def step_with_noise_injection(model_output, timestep, sample, *args, **kwargs):
+            run = self._run
+            if run.scheduler_steps == 0:
+                run.initial_latent = sample.clone()
+            output = step(model_output, timestep, sample, *args, **kwargs)
+            run.scheduler_steps += 1
+            k = run.scheduler_steps
+            if run.timesteps is not None and k < len(run.timesteps) and _as_float(run.timesteps[k]) < self.noise_injection_timestep:
+                injected = _prev_sample(output) + self.noise_injection * run.initial_latent
+                output = _with_prev_sample(output, injected)
+            return output
+
+        return step_with_noise_injection
+
+    # -- the UNet call ---------------------------------------------------------------------------------------------
+
+    def _unet_forward(self, original_forward, args, kwargs):
+        run = self._run
+        bound = _UNET_SIGNATURE.bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self")
+        return_dict = call.pop("return_dict")
+        sample, timestep = call["sample"], call["timestep"]
+        if run.timesteps is None:
+            self._resolve_timesteps(timestep)
+        i = run.step
+        run.step += 1
+        if i >= len(run.timesteps):
+            raise RuntimeError(f"faster_diffusion: UNet called {i + 1} times in a run of {len(run.timesteps)} steps")
+
+        if i in run.precomputed:
+            t, noise_pred = run.precomputed.pop(i)
+            _check_timestep(timestep, t, i)
+            return _output(noise_pred, return_dict)
+
+        steps = self._decoder_steps(i)
+        rows, group = sample.shape[0], len(steps)
+        if group > 1:
+            _check_timestep(timestep, run.timesteps[i], i)
+            call = {k: repeat_batch(v, rows, group) for k, v in call.items() if k != "timestep"}
+            call["timestep"] = torch.stack(
+                [torch.as_tensor(run.timesteps[s]).to(sample.device).expand(rows) for s in steps]
+            ).flatten()
+
+        is_key = i in run.key_steps
+        self._mode.active, self._mode.compute = True, is_key
+        self._mode.rows, self._mode.group_size = rows, group
+        try:
+            noise_pred = original_forward(**call, return_dict=False)[0]
+        finally:
+            self._mode.active = False
+        run.unet_calls += 1
+        run.encoder_passes += int(is_key)
+        run.decoder_passes += group
+        chunks = noise_pred.split(rows)
+        for s, chunk in zip(steps[1:], chunks[1:]):
+            run.precomputed[s] = (run.timesteps[s], chunk)
+        return _output(chunks[0], return_dict)
+
+
+class _UNetHook(ModelHook):
+    """Routes UNet calls made inside a denoising run through the accelerator."""
+
+    def __init__(self, accel: FasterDiffusion):
+        super().__init__()
+        self.accel = accel
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.accel._run is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.accel._unet_forward(self.fn_ref.original_forward, args, kwargs)
+
+
+class _ControlNetHook(ModelHook):
+    """Runs the ControlNet at key steps only; its residuals are replayed at the other steps."""
+
+    def __init__(self, accel: FasterDiffusion):
+        super().__init__()
+        self.accel = accel
+        self.cache = None
+
+    def new_forward(self, module, *args, **kwargs):
+        run = self.accel._run
+        if run is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        # The ControlNet is called just before the UNet call of step `run.step`.
+        if run.timesteps is not None and run.step not in run.key_steps and self.cache is not None:
+            return self.cache
+        self.cache = self.fn_ref.original_forward(*args, **kwargs)
+        run.controlnet_passes += 1
+        return self.cache
+
+
+def _as_float(timestep) -> float:
+    """A loop's timestep as a number (pipelines pass a scalar, a 0-d or a batch-expanded tensor)."""
+    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+
+
+def _check_timestep(timestep, expected, i: int) -> None:
+    if _as_float(timestep) != _as_float(expected):
+        raise RuntimeError(
+            f"faster_diffusion: step {i} was called with t={_as_float(timestep)} but the run's timesteps say "
+            f"t={_as_float(expected)}; the sampling loop does not follow its scheduler's timesteps"
+        )
+
+
+def _output(noise_pred, return_dict: bool):
+    return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
+
+
+def _prev_sample(output):
+    return output[0] if isinstance(output, tuple) else output.prev_sample
+
+
+def _with_prev_sample(output, prev_sample):
+    if isinstance(output, tuple):
+        return (prev_sample, *output[1:])
+    output.prev_sample = prev_sample
+    return output
+
+
+@contextlib.contextmanager
+def _chain_contexts(outer, inner):
+    with outer, inner as value:
+        yield value

@@ -1,0 +1,112 @@
+"""The UNet split: encoder modules whose outputs are cached at key steps and reused.
+
+The encoder of a ``UNet2DConditionModel`` is ``conv_in`` (its output is the first
+skip connection), every down block and the mid block; the decoder is everything
+after. Rather than rewriting the UNet's forward, each encoder module gets a
+diffusers ``ModelHook``: at a key step it runs and caches its output, at other
+steps it returns the cache. The stock forward then runs the decoder (time
+embedding, up blocks, output head) on the cached features and the *current*
+timestep, and adds ControlNet residuals exactly as it always does.
+
+When several steps' decoders run as one batch (the "parallel" strategy), the
+UNet is called on ``group_size`` copies of the key step's inputs stacked along
+the batch; the encoder then computes only the first copy and every module hands
+the decoder ``group_size`` stacked copies of its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+ENCODER_HOOK = "faster_diffusion_encoder"
+
+
+@dataclass
+class EncoderMode:
+    """What the encoder hooks do on the current UNet call; owned by the accelerator."""
+
+    active: bool = False  # outside a denoising run the hooks pass through
+    compute: bool = True  # key step: run and cache; else reuse the cache
+    rows: int = 1  # batch rows of one step (2x the images with classifier-free guidance)
+    group_size: int = 1  # steps whose decoders run in this call
+
+
+def map_tensors(fn, obj):
+    """Applies ``fn`` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(fn, o) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(fn, o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def repeat_batch(obj, rows: int, times: int):
+    """Stacks ``times`` copies of every tensor whose batch is ``rows`` (step-major order)."""
+    if times == 1:
+        return obj
+    return map_tensors(lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] == rows else t, obj)
+
+
+def first_rows(obj, rows: int, total: int):
+    """Keeps the first ``rows`` rows of every tensor whose batch is ``total``."""
+    if rows == total:
+        return obj
+    return map_tensors(lambda t: t[:rows] if t.dim() and t.shape[0] == total else t, obj)
+
+
+class EncoderCacheHook(ModelHook):
+    """Runs an encoder module at key steps and replays its cached output otherwise."""
+
+    _is_stateful = True
+
+    def __init__(self, mode: EncoderMode):
+        super().__init__()
+        self.mode = mode
+        self.cache = None
+
+    def new_forward(self, module, *args, **kwargs):
+        mode = self.mode
+        if not mode.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if mode.compute:
+            total = mode.rows * mode.group_size
+            args, kwargs = first_rows((args, kwargs), mode.rows, total)
+            self.cache = self.fn_ref.original_forward(*args, **kwargs)
+        elif self.cache is None:
+            raise RuntimeError("faster_diffusion: a non-key step ran before any key step cached the encoder")
+        return repeat_batch(self.cache, mode.rows, mode.group_size)
+
+    def reset_state(self, module):
+        self.cache = None
+        return module
+
+
+def encoder_modules(unet) -> list[torch.nn.Module]:
+    """conv_in, the down blocks and the mid block of a UNet2DConditionModel."""
+    modules = [unet.conv_in, *unet.down_blocks]
+    if unet.mid_block is not None:
+        modules.append(unet.mid_block)
+    return modules
+
+
+def add_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+
+
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Removes our hook; if it was the last one, also the registry, so the module is stock again."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or name not in registry.hooks:
+        return
+    registry.remove_hook(name, recurse=False)
+    if not registry.hooks:
+        del module._diffusers_hook
+        module.__dict__.pop("forward", None)
