@@ -1,0 +1,234 @@
+"""Cog predictor: Stable Diffusion text-to-image, accelerated by faster-diffusion.
+
+setup() loads the pipeline once (COG_WEIGHTS / setup's ``weights``, else
+weights/stable-diffusion-v1-5, else the bundled weights/tiny-shapes toy model)
+and builds every scheduler; run() switches the scheduler and the acceleration,
+checks what the input schema cannot express, seeds a generator and samples.
+
+Serve it with ``make serve`` (no Docker) or ``cog predict -i prompt="..."``.
+After changing an input, regenerate .cog/openapi_schema.json with
+``.venv/bin/python script/openapi-schema``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import time
+from typing import Optional
+
+import torch
+from cog import BaseRunner, Input, Path
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+import faster_diffusion
+from faster_diffusion.weights import load_pipeline, resolve_weights
+
+# name -> (scheduler class, config overrides)
+SCHEDULERS = {
+    "DDIM": (DDIMScheduler, {}),
+    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "EulerDiscrete": (EulerDiscreteScheduler, {}),
+    "EulerAncestralDiscrete": (EulerAncestralDiscreteScheduler, {}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+}
+ACCELERATIONS = ["faster-diffusion", "none"]
+OUTPUT_FORMATS = ["png", "webp", "jpg"]
+SAVE_OPTIONS = {"png": {}, "webp": {"quality": 95}, "jpg": {"quality": 95}}
+PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+
+# Largest width x height x num_outputs one request may ask for (four 768x768
+# images); FASTER_DIFFUSION_MAX_PIXELS overrides it for bigger or smaller cards.
+DEFAULT_MAX_PIXELS = 4 * 768 * 768
+
+
+class Predictor(BaseRunner):
+    def setup(self, weights: Optional[Path] = None) -> None:
+        """Loads the pipeline and the schedulers once."""
+        started = time.perf_counter()
+        resolved = resolve_weights(weights)
+        if resolved.warning:
+            print(f"WARNING: {resolved.warning}", flush=True)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(resolved.path, device=self.device)
+        self.weights = resolved
+        self.native_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.size_multiple = self.pipe.vae_scale_factor
+        self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+        base_config = self.pipe.scheduler.config
+        self.schedulers = {name: cls.from_config(base_config, **extra) for name, (cls, extra) in SCHEDULERS.items()}
+        dtype = str(self.pipe.unet.dtype).replace("torch.", "")
+        print(
+            f"setup: loaded {resolved.path} ({dtype} on {self.device}, native size {self.native_size}px, "
+            f"max {self.max_pixels} px/request) in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+
+    def run(
+        self,
+        prompt: str = Input(description="What to draw."),
+        negative_prompt: str = Input(description="What not to draw (empty: nothing).", default=""),
+        width: Optional[int] = Input(
+            description="Image width in pixels, a multiple of 8. Leave unset for the model's native size "
+            "(512 for Stable Diffusion v1.5, 64 for the bundled tiny-shapes model).",
+            default=None,
+            ge=64,
+            le=1024,
+        ),
+        height: Optional[int] = Input(
+            description="Image height in pixels, a multiple of 8. Leave unset for the model's native size.",
+            default=None,
+            ge=64,
+            le=1024,
+        ),
+        num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
+        num_inference_steps: int = Input(description="Number of denoising steps.", default=50, ge=1, le=150),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance scale (1 or less turns guidance off).", default=7.5, ge=0, le=20
+        ),
+        scheduler: str = Input(
+            description="Sampler. DPMSolverMultistep is DPM-Solver++ (multistep).",
+            default="DDIM",
+            choices=list(SCHEDULERS),
+        ),
+        acceleration: str = Input(
+            description="faster-diffusion: reuse UNet encoder features between key steps (arXiv 2312.09608). "
+            "none: the stock pipeline.",
+            default="faster-diffusion",
+            choices=ACCELERATIONS,
+        ),
+        key_steps: str = Input(
+            description="Steps that run the UNet encoder (faster-diffusion only): 'paper' (the paper's schedule, "
+            "scaled to the step count), 'all', 'uniform:K' (every K-th step), or comma-separated step indices "
+            "starting at 0, e.g. '0,1,2,3,5,10,15,25,35'.",
+            default="paper",
+        ),
+        parallel: bool = Input(
+            description="faster-diffusion only: run the decoders of the steps between two key steps as one batch.",
+            default=True,
+        ),
+        noise_injection: float = Input(
+            description="faster-diffusion only: prior noise injection strength (adds this multiple of the initial "
+            "noise to the latent at late steps, t < 500; 0 turns it off).",
+            default=0.003,
+            ge=0,
+            le=0.1,
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed. Leave unset for a random one (logged).", default=None, ge=0, le=2**32 - 1
+        ),
+        output_format: str = Input(description="Image file format.", default="png", choices=OUTPUT_FORMATS),
+    ) -> list[Path]:
+        """Generates num_outputs images for the prompt."""
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
+        self._check(width, height, num_outputs, num_inference_steps, acceleration, key_steps)
+
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        self.pipe.scheduler = self.schedulers[scheduler]
+        accel = None
+        if acceleration == "faster-diffusion":
+            accel = faster_diffusion.enable(self.pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection)
+        else:
+            faster_diffusion.disable(self.pipe)
+        print(
+            f"seed={seed} scheduler={scheduler} size={width}x{height} num_outputs={num_outputs} "
+            f"steps={num_inference_steps} guidance_scale={guidance_scale} acceleration={acceleration}",
+            flush=True,
+        )
+
+        counter = _EncoderCounter(self.pipe.unet) if accel is None else None
+        started = time.perf_counter()
+        try:
+            images = self.pipe(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                width=width,
+                height=height,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                num_images_per_prompt=num_outputs,
+                generator=generator,
+            ).images
+        finally:
+            if counter is not None:
+                counter.remove()
+        elapsed = time.perf_counter() - started
+
+        if accel is not None:
+            stats = accel.stats
+            print(
+                f"key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
+                f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
+                f"unet_calls={stats['unet_calls']} parallel={parallel} noise_injection={noise_injection}",
+                flush=True,
+            )
+        else:
+            print(
+                f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
+                f"decoder_passes={counter.decoder} unet_calls={counter.calls}",
+                flush=True,
+            )
+        print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
+
+        out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")
+        paths = []
+        for i, image in enumerate(images):
+            path = os.path.join(out_dir, f"out-{i}.{output_format}")
+            image.save(path, PIL_FORMAT[output_format], **SAVE_OPTIONS[output_format])
+            paths.append(Path(path))
+        return paths
+
+    def _check(self, width, height, num_outputs, num_inference_steps, acceleration, key_steps) -> None:
+        """Fails early, naming the field, on what the input schema cannot express."""
+        m = self.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            if value % m:
+                raise ValueError(f"{name}={value} must be a multiple of {m} (try {value - value % m} or {value - value % m + m})")
+        pixels = width * height * num_outputs
+        if pixels > self.max_pixels:
+            raise ValueError(
+                f"width x height x num_outputs = {width}x{height}x{num_outputs} = {pixels} pixels is over this "
+                f"server's budget of {self.max_pixels}; lower width, height or num_outputs"
+            )
+        if acceleration != "faster-diffusion":
+            return
+        try:
+            faster_diffusion.key_step_indices(key_steps, num_inference_steps)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith("key_steps") else f"key_steps: {message}") from None
+
+
+class _EncoderCounter:
+    """Counts UNet calls and encoder / decoder passes of the stock pipeline (forward hooks on the UNet)."""
+
+    def __init__(self, unet):
+        self.calls = self.encoder = self.decoder = 0
+
+        def count(attr):
+            def hook(module, args):
+                setattr(self, attr, getattr(self, attr) + 1)
+
+            return hook
+
+        self._handles = [
+            unet.register_forward_pre_hook(count("calls")),
+            unet.down_blocks[0].register_forward_pre_hook(count("encoder")),
+            unet.up_blocks[-1].register_forward_pre_hook(count("decoder")),
+        ]
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
