@@ -1,0 +1,428 @@
+"""The Cog service end to end: the real coglet HTTP server running predict.py, no Docker.
+
+One server is started for the session (on the bundled weights/tiny-shapes model,
+or a tiny random pipeline when that is absent, see conftest.py); a second one
+with corrupt weights checks setup failures. Sizes and step counts are small so
+the file runs in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT = 240  # seconds; imports of torch/diffusers are slow on a busy 2-core machine
+PROMPT = "a red square in the center"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# server helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, weights: Path, log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = dict(os.environ)
+        env.update(
+            # coglet's worker subprocess runs `python` from PATH: the venv's.
+            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+            PORT=str(self.port),
+            COG_WEIGHTS=str(weights),
+            # One intra-op thread: on a 2-core machine shared with other jobs torch's thread pool
+            # oversubscribes and a 0.5 s prediction takes a minute.
+            OMP_NUM_THREADS="1",
+        )
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() takes the worker down too
+        )
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def wait_until_setup_done(self) -> dict:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                health = self.health()
+                if health.get("status") not in (None, "STARTING"):
+                    return health
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """coglet 0.23.1 frees the slot a few ms after answering a *failed* prediction: a request sent at
+        once may get 409, so wait for READY as a client polling /health-check would."""
+        deadline = time.monotonic() + timeout
+        while (status := self.health()["status"]) != "READY":
+            assert time.monotonic() < deadline, f"server is {status}, not READY, {timeout}s after a prediction"
+            time.sleep(0.02)
+
+    def predict(self, timeout: float = 120, **inputs) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def log_tail(self, n: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        health = srv.wait_until_setup_done()
+        assert health["status"] == "READY", f"{health}\n{srv.log_tail()}"
+        yield srv
+    finally:
+        srv.stop()
+
+
+def decode_images(output: list[str]) -> list[Image.Image]:
+    images = []
+    for uri in output:
+        header, data = uri.split(",", 1)
+        assert header.startswith("data:image/"), header
+        images.append(Image.open(io.BytesIO(base64.b64decode(data))))
+    return images
+
+
+def ok(response: requests.Response) -> dict:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error") or body
+    return body
+
+
+def passes(logs: str) -> tuple[int, int]:
+    match = re.search(r"encoder_passes=(\d+) decoder_passes=(\d+)", logs)
+    assert match, logs
+    return int(match.group(1)), int(match.group(2))
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a.convert("RGB"), dtype=np.float64)
+    y = np.asarray(b.convert("RGB"), dtype=np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+SMALL = {"num_inference_steps": 8}
+
+# ---------------------------------------------------------------------------------------------------------------
+# predictions
+
+
+def test_health_check_reports_ready(server):
+    health = server.health()
+    assert health["status"] == "READY"
+    assert health["setup"]["status"] == "succeeded"
+
+
+def test_prediction_returns_requested_images(server):
+    body = ok(server.predict(prompt=PROMPT, width=128, height=64, num_outputs=2, seed=1, **SMALL))
+    images = decode_images(body["output"])
+    assert len(images) == 2
+    for image in images:
+        assert image.format == "PNG"
+        assert image.size == (128, 64)
+    logs = body["logs"]
+    assert "seed=1 " in logs and "scheduler=DDIM" in logs
+    assert re.search(r"key_steps=\[0, [\d, ]+\]", logs), logs
+    assert "wall_time=" in logs
+    passes(logs)
+
+
+def test_native_size_and_other_formats(server, model_dir):
+    body = ok(server.predict(prompt=PROMPT, output_format="webp", scheduler="EulerDiscrete", seed=2, **SMALL))
+    (image,) = decode_images(body["output"])
+    assert image.format == "WEBP"
+    with open(model_dir / "unet" / "config.json") as f:
+        native = json.load(f)["sample_size"] * 8
+    assert image.size == (native, native)
+
+
+def test_random_seed_is_logged(server):
+    body = ok(server.predict(prompt=PROMPT, num_inference_steps=2))
+    assert re.search(r"seed=\d+ ", body["logs"]), body["logs"]
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistep", "EulerAncestralDiscrete", "UniPC", "PNDM"])
+def test_every_scheduler_samples(server, scheduler):
+    body = ok(server.predict(prompt=PROMPT, scheduler=scheduler, seed=3, **SMALL))
+    assert f"scheduler={scheduler}" in body["logs"]
+    assert len(decode_images(body["output"])) == 1
+
+
+def test_same_seed_same_images(server):
+    inputs = dict(prompt=PROMPT, seed=1234, num_outputs=2, **SMALL)
+    first = decode_images(ok(server.predict(**inputs))["output"])
+    second = decode_images(ok(server.predict(**inputs))["output"])
+    for a, b in zip(first, second):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    other = decode_images(ok(server.predict(**{**inputs, "seed": 4321}))["output"])
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
+    inputs = dict(prompt=PROMPT, seed=7, num_inference_steps=20)
+    fast = ok(server.predict(acceleration="faster-diffusion", **inputs))
+    stock = ok(server.predict(acceleration="none", **inputs))
+    fast_enc, fast_dec = passes(fast["logs"])
+    stock_enc, stock_dec = passes(stock["logs"])
+    assert stock_enc == stock_dec == 20, stock["logs"]
+    assert fast_dec == 20 and fast_enc < stock_enc, fast["logs"]
+    (a,) = decode_images(fast["output"])
+    (b,) = decode_images(stock["output"])
+    assert psnr(a, b) > 15, f"PSNR {psnr(a, b):.1f} dB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        ({"prompt": PROMPT, "num_outputs": "two"}, "num_outputs"),  # bad type
+        ({"prompt": PROMPT, "num_inference_steps": 2.5}, "num_inference_steps"),  # bad type
+        ({"prompt": PROMPT, "parallel": "sometimes"}, "parallel"),  # bad type
+        ({"prompt": PROMPT, "num_inference_steps": 0}, "num_inference_steps"),  # below the minimum
+        ({"prompt": PROMPT, "num_outputs": 5}, "num_outputs"),  # above the maximum
+        ({"prompt": PROMPT, "width": 2048}, "width"),
+        ({"prompt": PROMPT, "guidance_scale": 25}, "guidance_scale"),
+        ({"prompt": PROMPT, "noise_injection": 0.5}, "noise_injection"),
+        ({"prompt": PROMPT, "seed": -1}, "seed"),
+        ({"prompt": PROMPT, "scheduler": "LMS"}, "scheduler"),  # not a choice
+        ({"prompt": PROMPT, "acceleration": "turbo"}, "acceleration"),
+        ({"prompt": PROMPT, "output_format": "gif"}, "output_format"),
+        ({"negative_prompt": "blurry"}, "prompt"),  # missing prompt
+    ],
+)
+def test_schema_violations_are_422(server, inputs, field):
+    response = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=30)
+    assert response.status_code == 422, response.text
+    locs = [err["loc"] for err in response.json()["detail"]]
+    assert any(loc[-1] == field for loc in locs), locs
+
+
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        ({"key_steps": "every other"}, "key_steps"),
+        ({"key_steps": "uniform:0"}, "key_steps"),
+        ({"key_steps": "0,2,1"}, "key_steps"),
+        ({"key_steps": "0,1,8", "num_inference_steps": 8}, "key_steps"),  # index >= steps
+        ({"width": 100}, "width"),
+        ({"height": 68}, "height"),
+        ({"width": 1024, "height": 1024, "num_outputs": 4}, "width x height x num_outputs"),
+    ],
+)
+def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, field):
+    started = time.monotonic()
+    response = server.predict(prompt=PROMPT, **{**SMALL, **inputs})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "failed", body
+    assert field in body["error"], body["error"]
+    assert time.monotonic() - started < 10, "validation must happen before sampling"
+    server.wait_ready()
+    ok(server.predict(prompt=PROMPT, num_inference_steps=2))  # the server keeps serving
+
+
+def test_second_request_during_a_running_one_gets_409(server):
+    slow = {}
+
+    def run_slow():
+        slow["response"] = server.predict(
+            timeout=300, prompt=PROMPT, num_inference_steps=150, acceleration="none", num_outputs=4, seed=5
+        )
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.health()["status"] != "BUSY":
+            assert time.monotonic() < deadline, "the slow prediction never started"
+            time.sleep(0.05)
+        busy = server.predict(prompt=PROMPT, num_inference_steps=2)
+        assert busy.status_code == 409, busy.text
+    finally:
+        thread.join(timeout=300)
+    assert len(decode_images(ok(slow["response"])["output"])) == 4
+    assert server.health()["status"] == "READY"
+    ok(server.predict(prompt=PROMPT, num_inference_steps=2))
+
+
+def test_corrupt_weights_report_setup_failed(tmp_path):
+    weights = tmp_path / "broken-model"
+    weights.mkdir()
+    (weights / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", ')
+    srv = Server(weights, tmp_path / "server.log")
+    try:
+        health = srv.wait_until_setup_done()
+        assert health["status"] == "SETUP_FAILED", health
+        message = health["setup"]["logs"]
+        assert "model_index.json is not valid JSON" in message and str(weights) in message, message
+        response = srv.predict(prompt=PROMPT)
+        assert response.status_code >= 400 or response.json()["status"] == "failed"
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the README's command, the schema and the packaging
+
+
+def test_script_generate_writes_images(model_dir, tmp_path):
+    out_dir = tmp_path / "outputs"
+    env = {**os.environ, "COG_WEIGHTS": str(model_dir), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "script/generate", "--prompt", PROMPT, "--num-inference-steps", "4",
+         "--num-outputs", "2", "--seed", "11", "--out-dir", str(out_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = sorted(out_dir.glob("*.png"))
+    assert len(files) == 2, result.stdout
+    assert "seed: 11" in result.stdout
+    assert re.search(r"encoder_passes=\d+ decoder_passes=\d+", result.stdout), result.stdout
+    for f in files:
+        assert f"wrote {f}" in result.stdout
+        assert Image.open(f).size[0] >= 64
+
+
+def test_script_generate_rejects_out_of_bounds_input():
+    result = subprocess.run(
+        [sys.executable, "script/generate", "--prompt", PROMPT, "--num-outputs", "9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "num_outputs" in result.stderr, result.stderr
+
+
+def test_openapi_schema_is_up_to_date():
+    script = runpy.run_path(str(ROOT / "script" / "openapi-schema"))
+    committed = (ROOT / ".cog" / "openapi_schema.json").read_text()
+    assert committed == script["render"](), (
+        ".cog/openapi_schema.json is stale: run `.venv/bin/python script/openapi-schema` and commit it"
+    )
+
+
+def _cog_yaml() -> dict:
+    return yaml.safe_load((ROOT / "cog.yaml").read_text())
+
+
+def _dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_cog_yaml_points_at_the_predictor():
+    config = _cog_yaml()
+    assert config["build"]["gpu"] is True
+    assert config["run"] == "predict.py:Predictor"
+    assert (ROOT / config["build"]["python_requirements"]).is_file()
+    import cog
+
+    assert config["build"]["sdk_version"] == cog.__version__
+
+
+def test_dockerfile_matches_cog_yaml():
+    config, dockerfile = _cog_yaml(), _dockerfile()
+    assert f"ENV COG_PREDICT_TYPE_STUB={config['run']}" in dockerfile
+    assert f"python{config['build']['python_version']}" in dockerfile
+    assert f'"cog=={config["build"]["sdk_version"]}"' in dockerfile
+    assert "EXPOSE 5000" in dockerfile
+    assert 'CMD ["python", "-m", "cog.server.http"]' in dockerfile
+    assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", dockerfile, re.M)
+
+
+def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for line in _dockerfile().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        sources = line.split()[1:-1]
+        for source in sources:
+            assert (ROOT / source).exists(), f"{line!r}: {source} is missing"
+            assert source not in ignored, f"{line!r}: {source} is in .dockerignore"
+    for needed in (".cog", "predict.py", "faster_diffusion", "requirements.txt"):
+        assert needed not in ignored
+
+
+def test_requirements_are_pinned_to_the_tested_versions():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{line}: pin an exact version"
+            pins[req.name.lower().replace("_", "-")] = spec.version
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors"):
+        assert name in pins, f"requirements.txt does not pin {name}"
+        installed = Version(version(name)).base_version  # torch 2.13.0+cpu here, 2.13.0 (CUDA) in the image
+        assert installed == Version(pins[name]).base_version, f"{name}: tests run {installed}, image pins {pins[name]}"
+
+
+def test_make_targets():
+    dry = subprocess.run(["make", "-n", "generate", "serve", 'PROMPT=a blue circle'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "bash script/setup" in dry.stdout
+    assert 'script/generate --prompt "a blue circle"' in dry.stdout
+    assert "COG_PREDICT_TYPE_STUB=predict.py:Predictor" in dry.stdout and "cog.server.http --host 127.0.0.1" in dry.stdout
