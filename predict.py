@@ -66,6 +66,7 @@ class Predictor(BaseRunner):
         self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         base_config = self.pipe.scheduler.config
         self.schedulers = {name: cls.from_config(base_config, **extra) for name, (cls, extra) in SCHEDULERS.items()}
+        self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         print(
             f"setup: loaded {resolved.path} ({dtype} on {self.device}, native size {self.native_size}px, "
@@ -182,10 +183,11 @@ class Predictor(BaseRunner):
             )
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
 
-        out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")
+        for old in os.listdir(self.out_dir):  # the previous prediction's files, already sent
+            os.remove(os.path.join(self.out_dir, old))
         paths = []
         for i, image in enumerate(images):
-            path = os.path.join(out_dir, f"out-{i}.{output_format}")
+            path = os.path.join(self.out_dir, f"out-{i}.{output_format}")
             image.save(path, PIL_FORMAT[output_format], **SAVE_OPTIONS[output_format])
             paths.append(Path(path))
         return paths

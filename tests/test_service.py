@@ -340,6 +340,22 @@ def test_script_generate_writes_images(model_dir, tmp_path):
         assert Image.open(f).size[0] >= 64
 
 
+@pytest.mark.skipif(not bundled_model_available(), reason="weights/tiny-shapes is not committed yet")
+def test_setup_without_weights_falls_back_to_the_bundled_model_with_a_warning(monkeypatch, capsys):
+    from faster_diffusion.weights import SD15_DIR
+
+    if (SD15_DIR / "model_index.json").exists():
+        pytest.skip(f"{SD15_DIR} is present on this machine")
+    monkeypatch.delenv("COG_WEIGHTS", raising=False)
+    from predict import Predictor
+
+    predictor = Predictor()
+    predictor.setup()
+    logs = capsys.readouterr().out
+    assert "WARNING" in logs and str(SD15_DIR) in logs and "script/download-weights" in logs, logs
+    assert predictor.weights.path.name == "tiny-shapes"
+
+
 def test_script_generate_rejects_out_of_bounds_input():
     result = subprocess.run(
         [sys.executable, "script/generate", "--prompt", PROMPT, "--num-outputs", "9"],
