@@ -6,8 +6,9 @@
 # Weights: run script/download-weights before building to bake in Stable Diffusion v1.5
 # (weights/stable-diffusion-v1-5), or pass -e COG_WEIGHTS=<dir or URL of a tar> at run
 # time; otherwise the server loads the bundled toy model weights/tiny-shapes.
-# torch 2.13.0 from PyPI is built for CUDA 13: the host needs an NVIDIA driver >= 580.
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+# torch 2.13.0 from PyPI is built for CUDA 13 and brings its own CUDA libraries (cuDNN too):
+# the host needs an NVIDIA driver >= 580 and the NVIDIA container toolkit.
+FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
