@@ -50,8 +50,9 @@ _UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
 class _Run:
     """State of one denoising run. Timesteps are resolved at the first UNet call if not given."""
 
-    timesteps: list | None
-    key_steps: set = field(default_factory=set)
+    num_steps: int
+    key_steps: set
+    timesteps: list | None = None
     step: int = 0  # index of the next UNet call
     precomputed: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
     initial_latent: torch.Tensor | None = None
@@ -161,9 +162,13 @@ class FasterDiffusion:
             raise RuntimeError("faster_diffusion: denoising runs cannot be nested")
         if timesteps is None and self.pipe is None:
             raise ValueError("faster_diffusion: denoising_run(timesteps) needs the loop's timesteps on a bare UNet")
-        self._run = _Run(timesteps=None)
         if timesteps is not None:
-            self._start(list(timesteps))
+            timesteps = list(timesteps)
+            num_steps = len(timesteps)
+        else:  # SD-family pipelines set _num_timesteps just before their loop
+            num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
+        # Resolving the schedule here makes a bad one fail before any sampling step.
+        self._run = _Run(num_steps, set(key_step_indices(self.key_steps, num_steps)), timesteps)
         scheduler = getattr(self.pipe, "scheduler", None)
         if self.noise_injection > 0 and scheduler is not None:
             scheduler.step = self._wrap_scheduler_step(scheduler.step)
@@ -180,17 +185,11 @@ class FasterDiffusion:
             return bar
         return _chain_contexts(self.denoising_run(), bar)
 
-    def _start(self, timesteps: list) -> None:
-        run = self._run
-        run.timesteps = timesteps
-        run.key_steps = set(key_step_indices(self.key_steps, len(timesteps)))
-
     def _resolve_timesteps(self, timestep) -> None:
         """Finds the loop's timesteps in the pipeline scheduler's list from the first UNet call."""
         all_t = list(self.pipe.scheduler.timesteps)
         t = _as_float(timestep)
-        n = getattr(self.pipe, "_num_timesteps", None) or len(all_t)
-        n = min(n, len(all_t))
+        n = min(self._run.num_steps, len(all_t))
         tail = len(all_t) - n
         if float(all_t[tail]) == t:  # img2img / inpainting: strength keeps the tail
             start = tail
@@ -199,17 +198,17 @@ class FasterDiffusion:
             if not matches:
                 raise RuntimeError(f"faster_diffusion: UNet called at t={t}, which is not in the scheduler's timesteps")
             start = matches[0]
-        self._start(all_t[start : start + n])
+        self._run.timesteps = all_t[start : start + n]
 
     def _end_run(self) -> None:
         run, self._run = self._run, None
         self._mode.active = False
         for hook in self._cache_hooks:
             hook.cache = None
-        if run is None or run.timesteps is None:
+        if run is None:
             return
         self.stats = {
-            "steps": len(run.timesteps),
+            "steps": run.num_steps,
             "key_steps": sorted(run.key_steps),
             "encoder_passes": run.encoder_passes,
             "decoder_passes": run.decoder_passes,
