@@ -89,15 +89,17 @@ class Server:
             time.sleep(0.5)
         pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{self.log_tail()}")
 
-    def wait_ready(self, timeout: float = 10) -> None:
-        """coglet 0.23.1 frees the slot a few ms after answering a *failed* prediction: a request sent at
-        once may get 409, so wait for READY as a client polling /health-check would."""
+    def wait_ready(self, timeout: float = 30) -> None:
+        """coglet 0.23.1 frees the slot a few ms *after* answering a prediction, so a request sent at once
+        may get 409: wait for READY, as a client polling /health-check would."""
         deadline = time.monotonic() + timeout
         while (status := self.health()["status"]) != "READY":
             assert time.monotonic() < deadline, f"server is {status}, not READY, {timeout}s after a prediction"
             time.sleep(0.02)
 
-    def predict(self, timeout: float = 120, **inputs) -> requests.Response:
+    def predict(self, timeout: float = 120, wait: bool = True, **inputs) -> requests.Response:
+        if wait:
+            self.wait_ready()
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
 
     def log_tail(self, n: int = 4000) -> str:
@@ -248,6 +250,7 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
     ],
 )
 def test_schema_violations_are_422(server, inputs, field):
+    server.wait_ready()
     response = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=30)
     assert response.status_code == 422, response.text
     locs = [err["loc"] for err in response.json()["detail"]]
@@ -274,7 +277,6 @@ def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, 
     assert body["status"] == "failed", body
     assert field in body["error"], body["error"]
     assert time.monotonic() - started < 10, "validation must happen before sampling"
-    server.wait_ready()
     ok(server.predict(prompt=PROMPT, num_inference_steps=2))  # the server keeps serving
 
 
@@ -283,9 +285,10 @@ def test_second_request_during_a_running_one_gets_409(server):
 
     def run_slow():
         slow["response"] = server.predict(
-            timeout=300, prompt=PROMPT, num_inference_steps=150, acceleration="none", num_outputs=4, seed=5
+            timeout=300, wait=False, prompt=PROMPT, num_inference_steps=150, acceleration="none", num_outputs=4, seed=5
         )
 
+    server.wait_ready()
     thread = threading.Thread(target=run_slow)
     thread.start()
     try:
@@ -293,7 +296,7 @@ def test_second_request_during_a_running_one_gets_409(server):
         while server.health()["status"] != "BUSY":
             assert time.monotonic() < deadline, "the slow prediction never started"
             time.sleep(0.05)
-        busy = server.predict(prompt=PROMPT, num_inference_steps=2)
+        busy = server.predict(wait=False, prompt=PROMPT, num_inference_steps=2)
         assert busy.status_code == 409, busy.text
     finally:
         thread.join(timeout=300)
@@ -312,7 +315,7 @@ def test_corrupt_weights_report_setup_failed(tmp_path):
         assert health["status"] == "SETUP_FAILED", health
         message = health["setup"]["logs"]
         assert "model_index.json is not valid JSON" in message and str(weights) in message, message
-        response = srv.predict(prompt=PROMPT)
+        response = srv.predict(wait=False, prompt=PROMPT)
         assert response.status_code >= 400 or response.json()["status"] == "failed"
     finally:
         srv.stop()
