@@ -301,7 +301,7 @@ def test_second_request_during_a_running_one_gets_409(server):
     finally:
         thread.join(timeout=300)
     assert len(decode_images(ok(slow["response"])["output"])) == 4
-    assert server.health()["status"] == "READY"
+    server.wait_ready(timeout=10)  # back to READY, not wedged
     ok(server.predict(prompt=PROMPT, num_inference_steps=2))
 
 
