@@ -109,4 +109,8 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
     registry.remove_hook(name, recurse=False)
     if not registry.hooks:
         del module._diffusers_hook
-        module.__dict__.pop("forward", None)
+        # The registry leaves the bound method behind as an instance attribute; drop it only if
+        # it is the class's own forward (another wrapper, e.g. accelerate's offload hook, stays).
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+            del module.forward

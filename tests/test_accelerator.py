@@ -274,3 +274,20 @@ def test_bare_unet_with_a_custom_loop():
     assert accel.stats["encoder_passes"] == 2 and accel.stats["unet_calls"] == 2
     faster_diffusion.disable(unet)
     assert torch.equal(loop(), stock)
+
+
+def test_disable_keeps_other_forward_wrappers(pipe):
+    """An offload hook (accelerate) wraps forward as an instance attribute; disable must leave it."""
+    stock_forward = pipe.unet.forward
+
+    def wrapper(*args, **kwargs):
+        return stock_forward(*args, **kwargs)
+
+    pipe.unet.forward = wrapper
+    try:
+        faster_diffusion.enable(pipe, key_steps="uniform:4")
+        sample(pipe, steps=8)
+        faster_diffusion.disable(pipe)
+        assert pipe.unet.forward is wrapper
+    finally:
+        del pipe.unet.forward
