@@ -1,0 +1,306 @@
+"""Quality harness: prompt adherence and fidelity of faster-diffusion on the bundled tiny-shapes model.
+
+    python -m faster_diffusion.evaluate                       # full run (200 images) -> docs/quality.{json,md}
+    python -m faster_diffusion.evaluate --num-prompts 10 --seeds 1 --settings ddim,ddim-paper-par --out /tmp/q
+
+A fixed prompt x seed set (captions of ``faster_diffusion.shapes`` in a fixed shuffled
+order, cycled; image ``k`` of seed index ``s`` uses ``torch.Generator().manual_seed(1000 * s + k)``
+so every setting starts from the same initial noise) is sampled with classifier-free
+guidance 7.5 under each setting. For each setting it reports
+
+* adherence: the fraction of images whose detected colour / shape / position / all
+  three match the caption (``faster_diffusion.shapes.detect``);
+* fidelity to the stock (unaccelerated) images of the same sampler, step count and
+  seed: mean PSNR and SSIM (scikit-image, data range 1); identical images give
+  PSNR ``inf`` (written as the string ``"inf"`` in the JSON) and SSIM 1;
+* wall time of all the pipeline calls, and the speed-up over the stock sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "weights" / "tiny-shapes"
+GUIDANCE = 7.5
+
+#: name -> (sampler, faster_diffusion.enable kwargs or None for stock)
+SETTINGS: dict[str, tuple[str, dict | None]] = {
+    "ddim": ("ddim", None),
+    "ddim-paper-seq": ("ddim", dict(key_steps="paper", parallel=False, noise_injection=0.0)),
+    "ddim-paper-par": ("ddim", dict(key_steps="paper", parallel=True, noise_injection=0.0)),
+    "ddim-paper-seq-ni": ("ddim", dict(key_steps="paper", parallel=False, noise_injection=0.003)),
+    "ddim-paper-par-ni": ("ddim", dict(key_steps="paper", parallel=True, noise_injection=0.003)),
+    "ddim-uniform2": ("ddim", dict(key_steps="uniform:2", parallel=True, noise_injection=0.003)),
+    "ddim-uniform5": ("ddim", dict(key_steps="uniform:5", parallel=True, noise_injection=0.003)),
+    "ddim-uniform10": ("ddim", dict(key_steps="uniform:10", parallel=True, noise_injection=0.003)),
+    "dpm": ("dpm", None),
+    "dpm-paper": ("dpm", dict(key_steps="paper", parallel=True, noise_injection=0.003)),
+}
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM-Solver++"}
+
+
+def prompt_set(num_prompts: int, seeds: int) -> list[tuple[str, int]]:
+    """The fixed (caption, generator seed) list: ``num_prompts`` captions x ``seeds`` seeds."""
+    caps = shapes.all_captions()
+    order = np.random.default_rng(0).permutation(len(caps))
+    prompts = [caps[order[k % len(caps)]] for k in range(num_prompts)]
+    return [(p, 1000 * s + k) for s in range(seeds) for k, p in enumerate(prompts)]
+
+
+def _label(name: str, steps: dict[str, int]) -> str:
+    sampler, kw = SETTINGS[name]
+    base = f"{SAMPLER_NAMES[sampler]}-{steps[sampler]}"
+    if kw is None:
+        return f"{base} stock"
+    mode = "parallel" if kw["parallel"] else "sequential"
+    ni = f", noise inj. {kw['noise_injection']:g}" if kw["noise_injection"] else ""
+    return f"{base} {kw['key_steps']} {mode}{ni}"
+
+
+def _scheduler(pipe, sampler: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(pipe.scheduler.config)
+    return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+
+
+def _fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float, int]:
+    from skimage.metrics import structural_similarity
+
+    psnrs, ssims, same = [], [], 0
+    for a, b in zip(ref, imgs):
+        mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+        if mse == 0.0:
+            same += 1
+            psnrs.append(math.inf)
+            ssims.append(1.0)
+        else:
+            psnrs.append(10.0 * math.log10(1.0 / mse))
+            ssims.append(float(structural_similarity(a, b, channel_axis=-1, data_range=1.0)))
+    return float(np.mean(psnrs)), float(np.mean(ssims)), same
+
+
+def _hardware(device: str, threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {threads} threads"
+    if device.startswith("cuda"):
+        hw += f", {torch.cuda.get_device_name()}"
+    return hw
+
+
+def _jsonable(x):
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def evaluate(
+    model=DEFAULT_MODEL,
+    settings=tuple(SETTINGS),
+    num_prompts: int = 100,
+    seeds: int = 2,
+    ddim_steps: int = 50,
+    dpm_steps: int = 20,
+    batch_size: int = 100,
+    threads: int = 2,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """Runs the settings (plus each sampler's stock reference) and returns the results dict."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import faster_diffusion
+
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    torch.set_num_threads(threads)
+    steps = {"ddim": ddim_steps, "dpm": dpm_steps}
+    # each sampler's stock run first: it is the fidelity reference
+    needed = []
+    for s in settings:
+        ref = SETTINGS[s][0]
+        if ref not in needed:
+            needed.append(ref)
+    order = needed + [s for s in settings if s not in needed]
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    items = prompt_set(num_prompts, seeds)
+    targets = [shapes.parse_caption(p) for p, _ in items]
+    log(f"{len(items)} images ({num_prompts} prompts x {seeds} seeds), guidance {GUIDANCE}, model {model}")
+
+    images: dict[str, np.ndarray] = {}
+    results = []
+    for name in order:
+        sampler, kw = SETTINGS[name]
+        pipe.scheduler = _scheduler(pipe, sampler)
+        accel = faster_diffusion.enable(pipe, **kw) if kw is not None else None
+        out, stats = [], None
+        t0 = time.perf_counter()
+        try:
+            for i in range(0, len(items), batch_size):
+                chunk = items[i : i + batch_size]
+                gens = [torch.Generator(device).manual_seed(seed) for _, seed in chunk]
+                res = pipe(
+                    [p for p, _ in chunk],
+                    num_inference_steps=steps[sampler],
+                    guidance_scale=GUIDANCE,
+                    generator=gens,
+                    output_type="np",
+                )
+                out.append(np.asarray(res.images, dtype=np.float32))
+                if accel is not None:
+                    stats = dict(accel.stats)
+        finally:
+            if accel is not None:
+                faster_diffusion.disable(pipe)
+        seconds = time.perf_counter() - t0
+        imgs = np.concatenate(out)
+        images[name] = imgs
+        adherence = shapes.score([shapes.detect(im) for im in imgs], targets)
+        psnr, ssim, same = _fidelity(images[sampler], imgs)
+        if stats is None:
+            stats = {"steps": steps[sampler], "key_steps": list(range(steps[sampler])), "encoder_passes": steps[sampler],
+                     "decoder_passes": steps[sampler], "unet_calls": steps[sampler]}
+        row = {
+            "name": name,
+            "label": _label(name, steps),
+            "sampler": SAMPLER_NAMES[sampler],
+            "steps": steps[sampler],
+            "reference": sampler,
+            "accelerated": kw is not None,
+            "key_steps": None if kw is None else kw["key_steps"],
+            "parallel": None if kw is None else kw["parallel"],
+            "noise_injection": None if kw is None else kw["noise_injection"],
+            "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
+            "adherence": adherence,
+            "psnr": psnr,
+            "ssim": ssim,
+            "identical_images": same,
+            "seconds": seconds,
+            "seconds_per_image": seconds / len(items),
+        }
+        ref_row = next((r for r in results if r["name"] == sampler), None)
+        row["speedup"] = 1.0 if ref_row is None else ref_row["seconds"] / seconds
+        results.append(row)
+        log(
+            f"{row['label']:<45} colour {adherence['colour']:.3f} shape {adherence['shape']:.3f} "
+            f"position {adherence['position']:.3f} all {adherence['all']:.3f} | PSNR {psnr:6.2f} SSIM {ssim:.4f} | "
+            f"{seconds:7.1f}s ({row['speedup']:.2f}x) enc {row['stats']['encoder_passes']} unet calls {row['stats']['unet_calls']}"
+        )
+    import diffusers
+
+    results.sort(key=lambda r: list(SETTINGS).index(r["name"]))
+    return {
+        "model": str(model),
+        "hardware": _hardware(device, threads),
+        "device": device,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "num_images": len(items),
+        "num_prompts": num_prompts,
+        "seeds": seeds,
+        "guidance_scale": GUIDANCE,
+        "settings": results,
+    }
+
+
+def _fmt(x: float, nd: int) -> str:
+    return "inf" if math.isinf(x) else f"{x:.{nd}f}"
+
+
+def to_markdown(report: dict, command: str) -> str:
+    lines = [
+        "# Quality of faster-diffusion on the bundled tiny-shapes model",
+        "",
+        f"- model: `{report['model']}`",
+        f"- hardware: {report['hardware']}",
+        f"- date: {report['date']}",
+        f"- command: `{command}`",
+        f"- set: {report['num_images']} images = {report['num_prompts']} captions x {report['seeds']} seeds, "
+        f"guidance {report['guidance_scale']}, one `torch.Generator` per image (same initial noise in every setting)",
+        "- adherence: fraction of images whose colour / shape / position read by `faster_diffusion.shapes.detect` "
+        "match the caption; fidelity: mean PSNR (dB) / SSIM against the stock images of the same sampler and seed",
+        "",
+        "| setting | encoder passes | colour | shape | position | all three | PSNR | SSIM | time (s) | speed-up |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["settings"]:
+        a = r["adherence"]
+        lines.append(
+            f"| {r['label']} | {r['stats']['encoder_passes']}/{r['steps']} | {a['colour']:.1%} | {a['shape']:.1%} | "
+            f"{a['position']:.1%} | {a['all']:.1%} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} | "
+            f"{r['seconds']:.1f} | {r['speedup']:.2f}x |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: str | Path, command: str) -> tuple[Path, Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(report, command=command)
+    jpath, mpath = out.with_suffix(".json"), out.with_suffix(".md")
+    jpath.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    mpath.write_text(to_markdown(report, command))
+    return jpath, mpath
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m faster_diffusion.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_MODEL))
+    ap.add_argument("--num-prompts", type=int, default=100, help="captions (of the 90, in a fixed shuffled order, cycled)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
+    ap.add_argument("--settings", default="all", help=f"comma-separated subset of: {', '.join(SETTINGS)}")
+    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--dpm-steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=100, help="prompts per pipeline call")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="docs/quality", help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = list(SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
+    command = "python -m faster_diffusion.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    report = evaluate(args.model, settings, args.num_prompts, args.seeds, args.ddim_steps, args.dpm_steps,
+                      args.batch_size, args.threads, args.device)
+    report["total_seconds"] = time.perf_counter() - t0
+    jpath, mpath = write_report(report, args.out, command.strip())
+    print(f"wrote {jpath} and {mpath} in {report['total_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

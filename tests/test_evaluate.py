@@ -1,0 +1,43 @@
+"""A tiny run of the quality harness (faster_diffusion.evaluate) on the bundled model."""
+
+import json
+import math
+
+import pytest
+
+from faster_diffusion import evaluate as ev
+
+pytestmark = pytest.mark.skipif(not (ev.DEFAULT_MODEL / "model_index.json").exists(), reason="weights/tiny-shapes missing")
+
+
+def test_prompt_set_is_fixed():
+    a = ev.prompt_set(100, 2)
+    assert len(a) == 200 and a == ev.prompt_set(100, 2)
+    assert len({p for p, _ in a}) == 90  # every caption appears
+    assert len({s for _, s in a}) == 200  # one seed per image
+
+
+def test_tiny_run_writes_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "quality"
+    rc = ev.main(["--num-prompts", "2", "--seeds", "2", "--settings", "ddim,ddim-paper-par",
+                  "--ddim-steps", "6", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((tmp_path / "quality.json").read_text())  # strict JSON: no NaN/Infinity tokens
+    for key in ("model", "hardware", "date", "command", "num_images", "guidance_scale", "settings", "total_seconds"):
+        assert key in report
+    assert report["num_images"] == 4
+    rows = {r["name"]: r for r in report["settings"]}
+    assert list(rows) == ["ddim", "ddim-paper-par"]
+    for r in rows.values():
+        for key in ("label", "adherence", "psnr", "ssim", "seconds", "speedup", "stats"):
+            assert key in r
+        assert set(r["adherence"]) == {"colour", "shape", "position", "all"}
+        assert all(0.0 <= v <= 1.0 for v in r["adherence"].values())
+    stock, fast = rows["ddim"], rows["ddim-paper-par"]
+    assert stock["psnr"] == "inf" and math.isinf(float(stock["psnr"])) and stock["ssim"] == 1.0
+    assert stock["identical_images"] == 4
+    assert fast["stats"]["encoder_passes"] < fast["stats"]["steps"] == 6
+    assert math.isfinite(float(fast["psnr"])) and float(fast["psnr"]) > 15 and 0.5 < fast["ssim"] <= 1.0
+    md = (tmp_path / "quality.md").read_text()
+    assert "| setting |" in md and "DDIM-6 stock" in md and "DDIM-6 paper parallel" in md and "| inf |" in md
