@@ -12,6 +12,7 @@ After changing an input, regenerate .cog/openapi_schema.json with
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import tempfile
@@ -62,7 +63,7 @@ class Predictor(BaseRunner):
         self.pipe = load_pipeline(resolved.path, device=self.device)
         self.weights = resolved
         self.native_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.size_multiple = self.pipe.vae_scale_factor
+        self.size_multiple = math.lcm(8, self.pipe.vae_scale_factor)
         self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         base_config = self.pipe.scheduler.config
         self.schedulers = {name: cls.from_config(base_config, **extra) for name, (cls, extra) in SCHEDULERS.items()}

@@ -8,6 +8,7 @@ always run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,10 @@ def bundled_model_available() -> bool:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """weights/tiny-shapes if committed, else a tiny random pipeline for this session."""
+    """$FASTER_DIFFUSION_TEST_WEIGHTS if set, weights/tiny-shapes if committed, else a tiny random pipeline."""
+    override = os.environ.get("FASTER_DIFFUSION_TEST_WEIGHTS")
+    if override:
+        return Path(override)
     if bundled_model_available():
         return BUNDLED
     return build_tiny_random_pipeline(tmp_path_factory.mktemp("tiny-random-sd"))

@@ -187,8 +187,9 @@ def test_native_size_and_other_formats(server, model_dir):
     body = ok(server.predict(prompt=PROMPT, output_format="webp", scheduler="EulerDiscrete", seed=2, **SMALL))
     (image,) = decode_images(body["output"])
     assert image.format == "WEBP"
-    with open(model_dir / "unet" / "config.json") as f:
-        native = json.load(f)["sample_size"] * 8
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     assert image.size == (native, native)
 
 
@@ -224,7 +225,8 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
     assert fast_dec == 20 and fast_enc < stock_enc, fast["logs"]
     (a,) = decode_images(fast["output"])
     (b,) = decode_images(stock["output"])
-    assert psnr(a, b) > 15, f"PSNR {psnr(a, b):.1f} dB"
+    print(f"PSNR faster-diffusion vs stock: {psnr(a, b):.1f} dB")
+    assert psnr(a, b) > 20, f"PSNR {psnr(a, b):.1f} dB"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_second_request_during_a_running_one_gets_409(server):
 
     def run_slow():
         slow["response"] = server.predict(
-            timeout=300, wait=False, prompt=PROMPT, num_inference_steps=150, acceleration="none", num_outputs=4, seed=5
+            timeout=300, wait=False, prompt=PROMPT, num_inference_steps=150, acceleration="none", seed=5
         )
 
     server.wait_ready()
@@ -300,7 +302,7 @@ def test_second_request_during_a_running_one_gets_409(server):
         assert busy.status_code == 409, busy.text
     finally:
         thread.join(timeout=300)
-    assert len(decode_images(ok(slow["response"])["output"])) == 4
+    assert len(decode_images(ok(slow["response"])["output"])) == 1
     server.wait_ready(timeout=10)  # back to READY, not wedged
     ok(server.predict(prompt=PROMPT, num_inference_steps=2))
 
