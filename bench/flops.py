@@ -42,11 +42,13 @@ DEFAULT_SCHEDULES = {"sd15": "paper,uniform:2,uniform:5,uniform:10", "sd21": "pa
 ATTENTION_OPS = ("bmm", "baddbmm", "scaled_dot_product", "_flash_attention", "_efficient_attention")
 
 
-def build_meta_unet(config: dict):
+def build_meta_unet(config: dict, device: str = "meta"):
+    """The UNet on the meta device (no memory, no arithmetic); device='cpu' for toy configs, where
+    real tiny tensors are faster than the meta device's Python shape functions."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta"):
+    with torch.device(device):
         unet = UNet2DConditionModel.from_config(config)
     return unet.eval()
 
@@ -90,7 +92,7 @@ def count_stock_forward(unet, rows: int, resolution: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample, kwargs = unet_inputs(unet, rows, resolution)
+    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device)
     counter = FlopCounterMode(display=False, depth=None)
     with torch.no_grad(), counter:
         unet(sample, 999, **kwargs)
@@ -107,7 +109,7 @@ def count_run(unet, rows: int, resolution: int, timesteps: list, mode: str, key_
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample, kwargs = unet_inputs(unet, rows, resolution)
+    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device)
     accel = common.accelerate(unet, mode, key_steps=key_steps)
     counter = FlopCounterMode(display=False, depth=None)
     try:
@@ -132,9 +134,29 @@ def paper_convention(part_ops: dict) -> float:
     return sum(v * (0.5 if any(a in op for a in ATTENTION_OPS) else 1.0) for op, v in part_ops.items())
 
 
-def run_model(name: str, config: dict, resolution: int, samplers, schedules, images: int, cfg: bool, mode: str) -> list[dict]:
+@contextlib.contextmanager
+def one_thread():
+    """Counting is single-threaded Python work; intra-op threads only add synchronisation (badly so
+    on a busy machine, where every tiny op waits for a descheduled second thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_model(name: str, config: dict, resolution: int, samplers, schedules, images: int, cfg: bool, mode: str,
+              device: str = "meta") -> list[dict]:
+    with one_thread():
+        return _run_model(name, config, resolution, samplers, schedules, images, cfg, mode, device)
+
+
+def _run_model(name, config, resolution, samplers, schedules, images, cfg, mode, device) -> list[dict]:
     t0 = time.time()
-    unet = build_meta_unet(config)
+    unet = build_meta_unet(config, device)
     rows = images * (2 if cfg else 1)
     one = count_stock_forward(unet, rows, resolution)
     b1 = count_stock_forward(unet, 1, resolution) if rows != 1 else one
@@ -204,16 +226,20 @@ def run_model(name: str, config: dict, resolution: int, samplers, schedules, ima
     return rows_out
 
 
+def _fmt(gflops: float) -> str:
+    return f"{gflops:,.0f}" if gflops >= 100 else f"{gflops:.3g}"
+
+
 def table(rows: list[dict]) -> str:
     headers = [
         "model", "res", "sampler", "steps", "schedule", "key steps", "encoder passes",
-        "stock TFLOPs/img", "faster TFLOPs/img", "reduction", "paper reduction", "diff (pp)",
+        "stock GFLOPs/img", "faster GFLOPs/img", "reduction", "paper reduction", "diff (pp)",
     ]
     out = []
     for r in rows:
         out.append([
             r["model"], f"{r['resolution']}²", r["sampler_name"], r["steps"], r["schedule"], len(r["key_steps"]),
-            r["encoder_passes"], f"{r['stock_gflops_per_image'] / 1e3:.2f}", f"{r['faster_gflops_per_image'] / 1e3:.2f}",
+            r["encoder_passes"], _fmt(r["stock_gflops_per_image"]), _fmt(r["faster_gflops_per_image"]),
             f"−{100 * r['reduction']:.1f}%",
             f"−{100 * r['paper_reduction']:.1f}%" if "paper_reduction" in r else "",
             f"{r['reduction_minus_paper_pp']:+.2f}" if "paper_reduction" in r else "",
@@ -232,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1, help="images per prompt batch (default 1)")
     ap.add_argument("--no-cfg", action="store_true", help="count 1 UNet row per image (no classifier-free guidance)")
     ap.add_argument("--sequential", action="store_true", help="count the engine in sequential mode (same FLOPs, slower to count)")
+    ap.add_argument("--device", default="meta", choices=["meta", "cpu"],
+                    help="meta (default; no memory) or cpu (faster for toy configs only)")
     ap.add_argument("--json", default=None, help="output JSON (default: $OUT/flops.json if OUT is set, else bench/results/flops.json)")
     args = ap.parse_args(argv)
 
@@ -253,7 +281,7 @@ def main(argv=None) -> int:
               "per image = both classifier-free-guidance rows" if not args.no_cfg else "FLOPs = 2 x multiply-adds; 1 UNet row per image", "rows": []}
     for name, config, resolution in todo:
         specs = (args.schedules or DEFAULT_SCHEDULES.get(name, "paper")).split(",")
-        result["rows"] += run_model(name, config, resolution, samplers, [s.strip() for s in specs], args.images, not args.no_cfg, mode)
+        result["rows"] += run_model(name, config, resolution, samplers, [s.strip() for s in specs], args.images, not args.no_cfg, mode, args.device)
         common.write_json(out, result)  # incremental
     print()
     print(table(result["rows"]))

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Every GPU-side benchmark in one run, sized for < 7 minutes on one H100/H200,
+# with nothing to download on the machine:
+#   1. environment (GPU, driver, torch, diffusers)
+#   2. speed, eager:   SD1.5 architecture (random weights), 512², fp16, DDIM-50 and
+#                      DPM-Solver++-20, batch 1 and 4; stock / sequential / parallel
+#   3. speed, compiled: the same with torch.compile (per block) + channels_last
+#   4. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
+#   5. summary tables
+# Results (JSON, markdown summary, this log) go to $OUT if set, else bench/results/.
+# Each step has its own timeout and the whole run a budget (BENCH_BUDGET_S, default 400 s);
+# results are written after every configuration, so a step cut short keeps what it measured.
+#
+# diffusers is not installed on the GPU machine: if it does not import, the wheels in
+# .whl/ are installed into /tmp/site (pip --no-index --no-deps), see docs/benchmarks.md.
+#
+#   bench/gpu.sh               the GPU run
+#   bench/gpu.sh --cpu-smoke   the same steps at toy sizes on CPU (~1 min; tests/test_bench.py)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+SMOKE=0
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+[ "${BENCH_CPU_SMOKE:-0}" = "1" ] && SMOKE=1
+
+RESULTS=${OUT:-$ROOT/bench/results}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_log.txt"
+exec > >(tee -a "$LOG") 2>&1
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ "$SMOKE" = 1 ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python
+else PY=python3; fi
+
+BUDGET=${BENCH_BUDGET_S:-400}
+START=$SECONDS
+FAILED=0
+
+# step NAME MAX_SECONDS CMD...: runs CMD under `timeout`, never past the budget; a failure is logged, not fatal.
+step() {
+    local name=$1 max=$2; shift 2
+    local left=$((BUDGET - (SECONDS - START)))
+    local t=$((max < left ? max : left))
+    if [ "$t" -lt 15 ]; then
+        echo "=== [$(date -u +%T)] SKIP $name: ${left}s of the ${BUDGET}s budget left"
+        FAILED=1
+        return 0
+    fi
+    echo "=== [$(date -u +%T)] $name (timeout ${t}s, $((SECONDS - START))s elapsed)"
+    local t0=$SECONDS
+    ( set -x; timeout --kill-after=10 "$t" "$@" )
+    local rc=$?
+    echo "=== [$(date -u +%T)] $name: rc=$rc in $((SECONDS - t0))s"
+    [ "$rc" -ne 0 ] && FAILED=1
+    return 0
+}
+
+echo "=== bench/gpu.sh $([ "$SMOKE" = 1 ] && echo '--cpu-smoke') at $(date -u '+%F %T UTC') on $(hostname); results -> $RESULTS"
+
+# diffusers from the carried wheels when the machine lacks it (the smoke run uses this checkout's venv)
+if [ "$SMOKE" = 0 ] && ! "$PY" -c "import diffusers" 2>/dev/null; then
+    if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+        step "install wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site "$ROOT"/.whl/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "=== diffusers does not import and there is no .whl/ directory: see docs/benchmarks.md"
+    fi
+fi
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+[ "$SMOKE" = 0 ] && step "environment" 60 "$PY" -c "
+import platform, torch, diffusers, transformers
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'diffusers', diffusers.__version__, 'transformers', transformers.__version__)
+print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+"
+[ "$SMOKE" = 0 ] && command -v nvidia-smi >/dev/null && step "nvidia-smi" 30 nvidia-smi
+
+if [ "$SMOKE" = 1 ]; then
+    SPEED=(--device cpu --model toy --resolution 64 --samplers ddim:8,dpmpp:6 --batch 1,2 --repeats 1 --warmup 1 --threads 1)
+    OPT=(--channels-last --samplers ddim:8 --batch 1)  # compiling on CPU takes minutes: smoke checks channels_last only
+    FLOPS=(--models toy --resolution 64 --schedules paper --device cpu)
+    T_EAGER=120; T_OPT=120; T_FLOPS=120
+else
+    SPEED=(--device cuda --model sd15 --resolution 512 --dtype fp16 --samplers ddim:50,dpmpp:20 --batch 1,4 --repeats 5 --warmup 1)
+    OPT=(--compile blocks --compile-dynamic true --channels-last)
+    FLOPS=(--models sd15 --schedules paper)
+    T_EAGER=170; T_OPT=240; T_FLOPS=90
+fi
+
+step "speed (eager)" "$T_EAGER" "$PY" bench/speed.py "${SPEED[@]}" --json "$RESULTS/speed_eager.json"
+step "speed (compile + channels_last)" "$T_OPT" "$PY" bench/speed.py "${SPEED[@]}" "${OPT[@]}" --json "$RESULTS/speed_compiled.json"
+step "flops" "$T_FLOPS" "$PY" bench/flops.py "${FLOPS[@]}" --json "$RESULTS/flops.json"
+step "summary" 60 "$PY" bench/summarize.py "$RESULTS" --out "$RESULTS/summary.md"
+
+echo "=== done in $((SECONDS - START))s; failed steps: $FAILED; files in $RESULTS:"
+ls -la "$RESULTS"
+exit "$FAILED"
