@@ -1,0 +1,74 @@
+"""The bundled reference model weights/tiny-shapes: offline loading, real SD classes, size, one sample."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from faster_diffusion import shapes
+
+MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
+SEED = 0  # generator seed of the sample test (DDIM-20, guidance 7.5)
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="weights/tiny-shapes missing")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        p = StableDiffusionPipeline.from_pretrained(str(MODEL))
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_folder_size_at_most_25mb():
+    total = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert total <= 25 * 1024 * 1024, total
+    assert list(MODEL.rglob("*.safetensors")) and not list(MODEL.rglob("*.bin"))
+
+
+def test_real_classes_and_sd_layout(pipe):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    u = pipe.unet.config
+    assert u.down_block_types[:2] == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D") and u.down_block_types[-1] == "DownBlock2D"
+    assert u.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert u.up_block_types[0] == "UpBlock2D" and u.up_block_types[1:] == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    assert u.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae.config.latent_channels == u.in_channels == 4
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    s = pipe.scheduler.config
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert (s.steps_offset, s.clip_sample, s.set_alpha_to_one, s.prediction_type) == (1, False, False, "epsilon")
+    # the caption words are whole tokens of the CLIP-format BPE vocabulary
+    ids = pipe.tokenizer("a red square in the center").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id and len(ids) == 8
+
+
+def test_red_square_in_the_center(pipe):
+    g = torch.Generator().manual_seed(SEED)
+    img = pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, generator=g, output_type="np").images[0]
+    assert img.shape == (64, 64, 3)
+    assert shapes.detect(img).attributes == ("red", "square", "center")
+    # deterministic for a fixed generator
+    g = torch.Generator().manual_seed(SEED)
+    img2 = pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, generator=g, output_type="np").images[0]
+    assert np.array_equal(img, img2)
