@@ -2,7 +2,7 @@
 
 The bundled ``weights/tiny-shapes`` pipeline when it is present; otherwise a
 tiny random-weights StableDiffusionPipeline built once per test session (same
-component classes as SD1.5, a few thousand parameters), so the service tests
+component classes as SD1.5, under a million parameters), so the service tests
 always run.
 """
 
