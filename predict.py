@@ -1,9 +1,12 @@
-"""Cog predictor: Stable Diffusion text-to-image, accelerated by faster-diffusion.
+"""Cog predictor: Stable Diffusion text-to-image, img2img and inpainting, accelerated by faster-diffusion.
 
 setup() loads the pipeline once (COG_WEIGHTS / setup's ``weights``, else
-weights/stable-diffusion-v1-5, else the bundled weights/tiny-shapes toy model)
-and builds every scheduler; run() switches the scheduler and the acceleration,
-checks what the input schema cannot express, seeds a generator and samples.
+weights/stable-diffusion-v1-5, else the bundled weights/tiny-shapes toy model;
+SD1.x/2.x, SDXL or a ControlNet pipeline, as the weights' model_index.json says),
+derives the img2img and inpainting pipelines from it (shared modules, no copy)
+and builds every scheduler; run() checks what the input schema cannot express,
+picks the pipeline, switches the scheduler and the acceleration, seeds a
+generator and samples.
 
 Serve it with ``make serve`` (no Docker) or ``cog predict -i prompt="..."``.
 After changing an input, regenerate .cog/openapi_schema.json with
@@ -20,8 +23,11 @@ import time
 from typing import Optional
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from cog import BaseRunner, Input, Path
 from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -61,6 +67,14 @@ class Predictor(BaseRunner):
             print(f"WARNING: {resolved.warning}", flush=True)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(resolved.path, device=self.device)
+        # A ControlNet pipeline takes `image` as its control image; others use it for img2img / inpainting.
+        self.is_controlnet = getattr(self.pipe, "controlnet", None) is not None
+        self.img2img = self.inpaint = None
+        if not self.is_controlnet:
+            self.img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            self.inpaint = AutoPipelineForInpainting.from_pipe(self.pipe)
+            for pipe in (self.img2img, self.inpaint):
+                pipe.set_progress_bar_config(disable=True)
         self.weights = resolved
         self.native_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.size_multiple = math.lcm(8, self.pipe.vae_scale_factor)
@@ -70,7 +84,7 @@ class Predictor(BaseRunner):
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         print(
-            f"setup: loaded {resolved.path} ({dtype} on {self.device}, native size {self.native_size}px, "
+            f"setup: loaded {resolved.path} ({type(self.pipe).__name__}, {dtype} on {self.device}, native size {self.native_size}px, "
             f"max {self.max_pixels} px/request) in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
@@ -79,6 +93,22 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What to draw."),
         negative_prompt: str = Input(description="What not to draw (empty: nothing).", default=""),
+        image: Optional[Path] = Input(
+            description="Starting image for img2img, or with `mask` for inpainting; resized to width x height "
+            "when those are set. With a ControlNet model: the control image (required). Unset: text-to-image.",
+            default=None,
+        ),
+        mask: Optional[Path] = Input(
+            description="Inpainting mask, the size of `image`: white is repainted, black kept. Needs `image`.",
+            default=None,
+        ),
+        prompt_strength: float = Input(
+            description="img2img / inpainting: how far to move away from `image` (1.0 ignores it); "
+            "runs about num_inference_steps x prompt_strength steps.",
+            default=0.8,
+            ge=0,
+            le=1,
+        ),
         width: Optional[int] = Input(
             description="Image width in pixels, a multiple of 8. Leave unset for the model's native size "
             "(512 for Stable Diffusion v1.5, 64 for the bundled tiny-shapes model).",
@@ -131,33 +161,34 @@ class Predictor(BaseRunner):
         output_format: str = Input(description="Image file format.", default="png", choices=OUTPUT_FORMATS),
     ) -> list[Path]:
         """Generates num_outputs images for the prompt."""
-        width = self.native_size if width is None else width
-        height = self.native_size if height is None else height
-        self._check(width, height, num_outputs, num_inference_steps, acceleration, key_steps)
+        mode, pipe, pipe_arguments, width, height, loop_steps = self._pick_pipeline(
+            image, mask, prompt_strength, width, height, num_inference_steps
+        )
+        self._check(width, height, num_outputs, loop_steps, acceleration, key_steps)
 
         if seed is None:
             seed = secrets.randbelow(2**32)
         generator = torch.Generator("cpu").manual_seed(seed)
-        self.pipe.scheduler = self.schedulers[scheduler]
+        pipe.scheduler = self.schedulers[scheduler]
         accel = None
-        if acceleration == "faster-diffusion":
-            accel = faster_diffusion.enable(self.pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection)
+        if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
+            accel = faster_diffusion.enable(pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection)
         else:
-            faster_diffusion.disable(self.pipe)
+            faster_diffusion.disable(pipe)
         print(
-            f"seed={seed} scheduler={scheduler} size={width}x{height} num_outputs={num_outputs} "
+            f"seed={seed} mode={mode} scheduler={scheduler} "
+            f"size={width}x{height} num_outputs={num_outputs} "
             f"steps={num_inference_steps} guidance_scale={guidance_scale} acceleration={acceleration}",
             flush=True,
         )
 
-        counter = _EncoderCounter(self.pipe.unet) if accel is None else None
+        counter = _EncoderCounter(pipe.unet) if accel is None else None
         started = time.perf_counter()
         try:
-            images = self.pipe(
+            images = pipe(
                 prompt,
                 negative_prompt=negative_prompt or None,
-                width=width,
-                height=height,
+                **pipe_arguments,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 num_images_per_prompt=num_outputs,
@@ -193,6 +224,47 @@ class Predictor(BaseRunner):
             paths.append(Path(path))
         return paths
 
+    def _pick_pipeline(self, image, mask, prompt_strength, width, height, num_inference_steps):
+        """(mode, pipeline, its image/size arguments, width, height, steps the loop runs) for a request."""
+        if mask is not None and image is None:
+            raise ValueError("mask: inpainting needs an `image` to repaint; set image or leave mask unset")
+        if image is None:
+            if self.is_controlnet:
+                raise ValueError("image: this ControlNet model needs a control image")
+            width, height = width or self.native_size, height or self.native_size
+            return "text-to-image", self.pipe, {"width": width, "height": height}, width, height, num_inference_steps
+
+        picture = _read_image(image, "image", "RGB")
+        original_size = picture.size
+        width, height = width or picture.width, height or picture.height
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.LANCZOS)
+        if self.is_controlnet:
+            if mask is not None:
+                raise ValueError("mask: inpainting is not available with a ControlNet model")
+            arguments = {"image": picture, "width": width, "height": height}
+            return "controlnet", self.pipe, arguments, width, height, num_inference_steps
+
+        # img2img and inpainting run the last int(steps x strength) steps (diffusers' get_timesteps)
+        loop_steps = min(int(num_inference_steps * prompt_strength), num_inference_steps)
+        if loop_steps < 1:
+            raise ValueError(
+                f"prompt_strength={prompt_strength} with num_inference_steps={num_inference_steps} leaves no "
+                "denoising step; raise prompt_strength or num_inference_steps"
+            )
+        if mask is None:
+            return "img2img", self.img2img, {"image": picture, "strength": prompt_strength}, width, height, loop_steps
+        mask_picture = _read_image(mask, "mask", "L")
+        if mask_picture.size != original_size:
+            raise ValueError(
+                f"mask: its size {mask_picture.width}x{mask_picture.height} differs from the image's "
+                f"{original_size[0]}x{original_size[1]}"
+            )
+        if mask_picture.size != (width, height):
+            mask_picture = mask_picture.resize((width, height), Image.NEAREST)
+        arguments = {"image": picture, "mask_image": mask_picture, "strength": prompt_strength, "width": width, "height": height}
+        return "inpainting", self.inpaint, arguments, width, height, loop_steps
+
     def _check(self, width, height, num_outputs, num_inference_steps, acceleration, key_steps) -> None:
         """Fails early, naming the field, on what the input schema cannot express."""
         m = self.size_multiple
@@ -212,6 +284,14 @@ class Predictor(BaseRunner):
         except ValueError as err:
             message = str(err)
             raise ValueError(message if message.startswith("key_steps") else f"key_steps: {message}") from None
+
+
+def _read_image(path, field: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as picture:
+            return picture.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{field}: cannot read {os.path.basename(str(path))} as an image ({err})") from None
 
 
 class _EncoderCounter:

@@ -157,32 +157,33 @@ def read_model_index(path: Path) -> dict:
 
 
 def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
-    """A StableDiffusionPipeline from ``path`` on ``device`` (fp16 on CUDA, fp32 elsewhere by default).
+    """The pipeline saved at ``path`` on ``device`` (fp16 on CUDA, fp32 elsewhere by default).
 
+    The class comes from model_index.json, as with ``DiffusionPipeline.from_pretrained``:
+    SD1.x/2.x, SDXL, or a ControlNet pipeline whose folder holds a ``controlnet``.
     The safety checker is not loaded: the service returns what the model draws.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     path = Path(path)
-    read_model_index(path)  # a readable error for the commonest corruption
+    index = read_model_index(path)  # a readable error for the commonest corruption
+    no_safety_checker = (
+        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        if "safety_checker" in index
+        else {}
+    )
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     variant = detect_variant(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path,
-                torch_dtype=dtype,
-                variant=variant,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                use_safetensors=None,
+            pipe = DiffusionPipeline.from_pretrained(
+                path, torch_dtype=dtype, variant=variant, use_safetensors=None, **no_safety_checker
             )
     except Exception as err:
-        raise WeightsError(f"weights at {path}: could not load a StableDiffusionPipeline: {type(err).__name__}: {err}") from err
+        raise WeightsError(f"weights at {path}: could not load a {index['_class_name']}: {type(err).__name__}: {err}") from err
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

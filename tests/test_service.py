@@ -159,6 +159,21 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 SMALL = {"num_inference_steps": 8}
 
+
+def data_uri(image: Image.Image | None = None, raw: bytes | None = None) -> str:
+    """An input file as the data URI a client may send."""
+    if raw is None:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        raw = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+PICTURE = Image.new("RGB", (128, 64), "white")
+PICTURE.paste((255, 0, 0), (40, 16, 88, 48))
+LEFT_HALF = Image.new("L", (128, 64), 0)
+LEFT_HALF.paste(255, (0, 0, 64, 64))
+
 # ---------------------------------------------------------------------------------------------------------------
 # predictions
 
@@ -229,6 +244,24 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
     assert psnr(a, b) > 20, f"PSNR {psnr(a, b):.1f} dB"
 
 
+def test_img2img_and_inpainting_follow_the_input_image(server):
+    body = ok(server.predict(prompt=PROMPT, image=data_uri(PICTURE), prompt_strength=0.5, seed=1, **SMALL))
+    (image,) = decode_images(body["output"])
+    assert image.size == PICTURE.size  # the size of the input image
+    assert "mode=img2img" in body["logs"]
+    assert passes(body["logs"])[1] == 4  # the last int(8 x 0.5) steps run
+
+    body = ok(server.predict(prompt=PROMPT, image=data_uri(PICTURE), mask=data_uri(LEFT_HALF), prompt_strength=1.0,
+                             seed=1, **SMALL))
+    (image,) = decode_images(body["output"])
+    assert "mode=inpainting" in body["logs"] and image.size == PICTURE.size
+    kept = np.asarray(image.convert("RGB"), dtype=float)[:, 72:]  # away from the mask's edge
+    assert np.abs(kept - np.asarray(PICTURE, dtype=float)[:, 72:]).mean() < 40  # black mask: the picture stays
+
+    body = ok(server.predict(prompt=PROMPT, image=data_uri(PICTURE), width=64, height=64, seed=1, **SMALL))
+    assert decode_images(body["output"])[0].size == (64, 64)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -248,6 +281,7 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
         ({"prompt": PROMPT, "scheduler": "LMS"}, "scheduler"),  # not a choice
         ({"prompt": PROMPT, "acceleration": "turbo"}, "acceleration"),
         ({"prompt": PROMPT, "output_format": "gif"}, "output_format"),
+        ({"prompt": PROMPT, "prompt_strength": 1.5}, "prompt_strength"),
         ({"negative_prompt": "blurry"}, "prompt"),  # missing prompt
     ],
 )
@@ -269,6 +303,11 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"width": 100}, "width"),
         ({"height": 68}, "height"),
         ({"width": 1024, "height": 1024, "num_outputs": 4}, "width x height x num_outputs"),
+        ({"mask": data_uri(LEFT_HALF)}, "mask"),  # a mask without an image
+        ({"image": data_uri(raw=b"not an image")}, "image"),  # unreadable file
+        ({"image": data_uri(PICTURE), "mask": data_uri(LEFT_HALF.resize((64, 64)))}, "mask"),  # mismatched sizes
+        ({"image": data_uri(PICTURE), "prompt_strength": 0.1}, "prompt_strength"),  # no step left
+        ({"image": data_uri(PICTURE), "key_steps": "0,1,6"}, "key_steps"),  # only int(8 x 0.8) = 6 steps run
     ],
 )
 def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, field):
