@@ -132,8 +132,16 @@ def evaluate(
     threads: int = 2,
     device: str = "cpu",
     log=print,
+    cache_dir=None,
+    cache_only: bool = False,
 ) -> dict:
-    """Runs the settings (plus each sampler's stock reference) and returns the results dict."""
+    """Runs the settings (plus each sampler's stock reference) and returns the results dict.
+
+    With ``cache_dir`` each setting's images, wall time and stats are stored there
+    (``{name}-{key}.npz``) and reused when present, so several processes can sample
+    disjoint settings (``cache_only``: no references, no report) and a last call
+    assembles the report.
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -151,6 +159,8 @@ def evaluate(
         if ref not in needed:
             needed.append(ref)
     order = needed + [s for s in settings if s not in needed]
+    if cache_only:
+        order = list(settings)
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -162,6 +172,17 @@ def evaluate(
     results = []
     for name in order:
         sampler, kw = SETTINGS[name]
+        cache = None
+        if cache_dir is not None:
+            key = f"{Path(str(model)).name}-{num_prompts}x{seeds}-{steps[sampler]}steps"
+            cache = Path(cache_dir) / f"{name}-{key}.npz"
+            if cache.exists():
+                z = np.load(cache, allow_pickle=False)
+                images[name] = z["images"]
+                cached = json.loads(str(z["meta"]))
+                results.append(_row(name, steps, images, targets, cached["seconds"], cached["stats"], len(items), results))
+                log(_line(results[-1]) + " (cached)")
+                continue
         pipe.scheduler = _scheduler(pipe, sampler)
         accel = faster_diffusion.enable(pipe, **kw) if kw is not None else None
         out, stats = [], None
@@ -186,37 +207,19 @@ def evaluate(
         seconds = time.perf_counter() - t0
         imgs = np.concatenate(out)
         images[name] = imgs
-        adherence = shapes.score([shapes.detect(im) for im in imgs], targets)
-        psnr, ssim, same = _fidelity(images[sampler], imgs)
         if stats is None:
             stats = {"steps": steps[sampler], "key_steps": list(range(steps[sampler])), "encoder_passes": steps[sampler],
                      "decoder_passes": steps[sampler], "unet_calls": steps[sampler]}
-        row = {
-            "name": name,
-            "label": _label(name, steps),
-            "sampler": SAMPLER_NAMES[sampler],
-            "steps": steps[sampler],
-            "reference": sampler,
-            "accelerated": kw is not None,
-            "key_steps": None if kw is None else kw["key_steps"],
-            "parallel": None if kw is None else kw["parallel"],
-            "noise_injection": None if kw is None else kw["noise_injection"],
-            "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
-            "adherence": adherence,
-            "psnr": psnr,
-            "ssim": ssim,
-            "identical_images": same,
-            "seconds": seconds,
-            "seconds_per_image": seconds / len(items),
-        }
-        ref_row = next((r for r in results if r["name"] == sampler), None)
-        row["speedup"] = 1.0 if ref_row is None else ref_row["seconds"] / seconds
-        results.append(row)
-        log(
-            f"{row['label']:<45} colour {adherence['colour']:.3f} shape {adherence['shape']:.3f} "
-            f"position {adherence['position']:.3f} all {adherence['all']:.3f} | PSNR {psnr:6.2f} SSIM {ssim:.4f} | "
-            f"{seconds:7.1f}s ({row['speedup']:.2f}x) enc {row['stats']['encoder_passes']} unet calls {row['stats']['unet_calls']}"
-        )
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, images=imgs, meta=json.dumps({"seconds": seconds, "stats": stats}))
+            tmp.replace(cache)
+        if cache_only:
+            log(f"{_label(name, steps)}: cached in {seconds:.1f}s")
+            continue
+        results.append(_row(name, steps, images, targets, seconds, stats, len(items), results))
+        log(_line(results[-1]))
     import diffusers
 
     results.sort(key=lambda r: list(SETTINGS).index(r["name"]))
@@ -235,6 +238,43 @@ def evaluate(
     }
 
 
+def _line(row: dict) -> str:
+    a = row["adherence"]
+    return (
+        f"{row['label']:<45} colour {a['colour']:.3f} shape {a['shape']:.3f} "
+        f"position {a['position']:.3f} all {a['all']:.3f} | PSNR {row['psnr']:6.2f} SSIM {row['ssim']:.4f} | "
+        f"{row['seconds']:7.1f}s ({row['speedup']:.2f}x) enc {row['stats']['encoder_passes']} unet calls {row['stats']['unet_calls']}"
+    )
+
+
+def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
+    sampler, kw = SETTINGS[name]
+    imgs = images[name]
+    adherence = shapes.score([shapes.detect(im) for im in imgs], targets)
+    psnr, ssim, same = _fidelity(images[sampler], imgs)
+    row = {
+        "name": name,
+        "label": _label(name, steps),
+        "sampler": SAMPLER_NAMES[sampler],
+        "steps": steps[sampler],
+        "reference": sampler,
+        "accelerated": kw is not None,
+        "key_steps": None if kw is None else kw["key_steps"],
+        "parallel": None if kw is None else kw["parallel"],
+        "noise_injection": None if kw is None else kw["noise_injection"],
+        "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
+        "adherence": adherence,
+        "psnr": psnr,
+        "ssim": ssim,
+        "identical_images": same,
+        "seconds": seconds,
+        "seconds_per_image": seconds / n,
+    }
+    ref_row = next((r for r in results if r["name"] == sampler), None)
+    row["speedup"] = 1.0 if ref_row is None else ref_row["seconds"] / seconds
+    return row
+
+
 def _fmt(x: float, nd: int) -> str:
     return "inf" if math.isinf(x) else f"{x:.{nd}f}"
 
@@ -251,6 +291,9 @@ def to_markdown(report: dict, command: str) -> str:
         f"guidance {report['guidance_scale']}, one `torch.Generator` per image (same initial noise in every setting)",
         "- adherence: fraction of images whose colour / shape / position read by `faster_diffusion.shapes.detect` "
         "match the caption; fidelity: mean PSNR (dB) / SSIM against the stock images of the same sampler and seed",
+    ]
+    lines += [f"- note: {n}" for n in report.get("notes", [])]
+    lines += [
         "",
         "| setting | encoder passes | colour | shape | position | all three | PSNR | SSIM | time (s) | speed-up |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -289,14 +332,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="docs/quality", help="writes OUT.json and OUT.md")
+    ap.add_argument("--cache-dir", default=None, help="store / reuse each setting's images here")
+    ap.add_argument("--cache-only", action="store_true", help="only sample the given settings into --cache-dir")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = list(SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
     command = "python -m faster_diffusion.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
+    if args.cache_only and not args.cache_dir:
+        ap.error("--cache-only needs --cache-dir")
     report = evaluate(args.model, settings, args.num_prompts, args.seeds, args.ddim_steps, args.dpm_steps,
-                      args.batch_size, args.threads, args.device)
+                      args.batch_size, args.threads, args.device, cache_dir=args.cache_dir, cache_only=args.cache_only)
+    if args.cache_only:
+        return 0
     report["total_seconds"] = time.perf_counter() - t0
+    report["notes"] = list(args.note)
     jpath, mpath = write_report(report, args.out, command.strip())
     print(f"wrote {jpath} and {mpath} in {report['total_seconds']:.0f}s")
     return 0
