@@ -84,7 +84,8 @@ def parse_sampler_steps(text: str) -> list[tuple[str, int]]:
 
 
 def accelerate(pipe_or_unet, mode: str, key_steps="paper", max_parallel=None, **kwargs):
-    """Puts ``pipe_or_unet`` in ``mode``: 'stock' (engine off), 'sequential' or 'parallel'.
+    """Puts ``pipe_or_unet`` in ``mode``: 'stock' (engine off), 'sequential', 'parallel' or
+    'parallel:N' (parallel with max_parallel=N steps per decoder batch).
 
     Returns the accelerator (None for stock). The single place the benchmarks call the engine.
     """
@@ -93,10 +94,12 @@ def accelerate(pipe_or_unet, mode: str, key_steps="paper", max_parallel=None, **
     faster_diffusion.disable(pipe_or_unet)
     if mode == "stock":
         return None
-    if mode not in ("sequential", "parallel"):
-        raise ValueError(f"unknown mode {mode!r}")
+    name, _, limit = mode.partition(":")
+    if name not in ("sequential", "parallel") or (limit and (name != "parallel" or not limit.isdigit())):
+        raise ValueError(f"unknown mode {mode!r}: use stock, sequential, parallel or parallel:N")
     return faster_diffusion.enable(
-        pipe_or_unet, key_steps=key_steps, parallel=(mode == "parallel"), max_parallel=max_parallel, **kwargs
+        pipe_or_unet, key_steps=key_steps, parallel=(name == "parallel"),
+        max_parallel=int(limit) if limit else max_parallel, **kwargs,
     )
 
 

@@ -235,7 +235,7 @@ def _max_diff(a, b) -> float | None:
         return None
 
 
-def bench_config(pipe, args, sampler: str, steps: int, batch: int, log) -> dict:
+def bench_config(pipe, args, sampler: str, steps: int, batch: int, log, on_repeat=None) -> dict:
     """All modes for one (sampler, steps, batch): warm-up, interleaved repeats, medians."""
     pipe.scheduler = common.make_scheduler(sampler)
     kw = dict(batch=batch, steps=steps, resolution=args.resolution, output_type=args.output_type, guidance=args.guidance)
@@ -259,9 +259,17 @@ def bench_config(pipe, args, sampler: str, steps: int, batch: int, log) -> dict:
             if r == 0:
                 first_images[m] = images
             log(f"    run {r + 1}/{args.repeats} {m:<10} {seconds:7.3f}s  peak {memory['peak_bytes'] / 2**20:9.1f} MiB")
+        if on_repeat is not None and r + 1 < args.repeats:  # partial results survive a kill
+            on_repeat(_summarize(args, sampler, steps, batch, modes, res, first_images, partial=True))
     common.accelerate(pipe, "stock")
+    return _summarize(args, sampler, steps, batch, modes, res, first_images)
+
+
+def _summarize(args, sampler, steps, batch, modes, res, first_images, partial=False) -> dict:
     out = {"model": args.model, "sampler": sampler, "sampler_name": common.SAMPLER_NAMES[sampler], "steps": steps,
            "batch": batch, "resolution": args.resolution, "modes": {}}
+    if partial:
+        out["partial"] = True
     stock_median = statistics.median(res["stock"]["seconds"]) if "stock" in res else None
     stock_peak = max(x["peak_bytes"] or 0 for x in res["stock"]["memory"]) if "stock" in res else None
     for m in modes:
@@ -314,7 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed full runs per mode first (default 1)")
     ap.add_argument("--warmup-steps", type=int, default=None,
                     help="sampling steps of the warm-up runs (default: same as the timed runs; fewer saves time on CPU)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of stock,sequential,parallel")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma list of stock, sequential, parallel, parallel:N (max_parallel=N); default stock,sequential,parallel")
     ap.add_argument("--key-steps", default="paper", help="key-step schedule (default paper)")
     ap.add_argument("--max-parallel", type=int, default=None, help="engine max_parallel (default None: whole groups)")
     ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5: 2 UNet rows per image)")
@@ -376,10 +385,16 @@ def main(argv=None) -> int:
         for batch in [int(b) for b in str(args.batch).split(",")]:
             log(f"  {args.model} {sampler}-{steps} batch {batch} {args.resolution}px compile={args.compile} channels_last={args.channels_last}")
             t1 = time.perf_counter()
-            r = bench_config(pipe, args, sampler, steps, batch, log)
-            r.update(device=args.device, dtype=args.dtype, compile=args.compile + ("+cl" if args.channels_last else ""),
-                     output_type=args.output_type, guidance=args.guidance, key_steps=args.key_steps,
-                     max_parallel=args.max_parallel, wall_s=time.perf_counter() - t1)
+            extra = lambda: dict(device=args.device, dtype=args.dtype,  # noqa: E731
+                                 compile=args.compile + ("+cl" if args.channels_last else ""),
+                                 output_type=args.output_type, guidance=args.guidance, key_steps=args.key_steps,
+                                 max_parallel=args.max_parallel, wall_s=time.perf_counter() - t1)
+
+            def on_repeat(partial):
+                common.write_json(out_path, dict(result, results=[*result["results"], dict(partial, **extra())]))
+
+            r = bench_config(pipe, args, sampler, steps, batch, log, on_repeat)
+            r.update(extra())
             result["results"].append(r)
             result["environment"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
             common.write_json(out_path, result)  # incremental
