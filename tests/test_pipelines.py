@@ -6,7 +6,17 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
-from tiny_pipelines import SD_SCHEDULER, tiny_controlnet_sd, tiny_img2img, tiny_inpaint, tiny_sd, tiny_sdxl
+from tiny_pipelines import (
+    SD_SCHEDULER,
+    tiny_controlnet_sd,
+    tiny_controlnet_sdxl,
+    tiny_img2img,
+    tiny_inpaint,
+    tiny_sd,
+    tiny_sdxl,
+    tiny_sdxl_img2img,
+    tiny_sdxl_inpaint,
+)
 
 import faster_diffusion
 
@@ -28,6 +38,9 @@ CASES = {
     "img2img": (tiny_img2img, {"image": IMAGE, "strength": 0.6}, 12),
     "inpainting": (tiny_inpaint, {"image": IMAGE, "mask_image": MASK}, 20),
     "controlnet": (tiny_controlnet_sd, {"image": IMAGE}, 20),
+    "sdxl-img2img": (tiny_sdxl_img2img, {"image": IMAGE, "strength": 0.6}, 12),
+    "sdxl-inpainting": (tiny_sdxl_inpaint, {"image": IMAGE, "mask_image": MASK, "strength": 0.99}, 19),
+    "sdxl-controlnet": (tiny_controlnet_sdxl, {"image": IMAGE}, 20),
 }
 
 
@@ -65,7 +78,7 @@ def test_pipeline_family(case):
     assert accel.stats["steps"] == loop_steps and accel.stats["key_steps"] == keys
     assert (accel.stats["encoder_passes"], accel.stats["decoder_passes"]) == (len(keys), loop_steps)
     assert accel.stats["unet_calls"] == len(keys)
-    if case == "controlnet":
+    if "controlnet" in case:
         assert sequential_stats["controlnet_passes"] == accel.stats["controlnet_passes"] == len(keys)
 
     faster_diffusion.disable(pipe)

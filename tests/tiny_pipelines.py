@@ -108,3 +108,27 @@ def tiny_sdxl():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sdxl_img2img():
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline(**tiny_sdxl().components)
+
+
+def tiny_sdxl_inpaint():
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    return StableDiffusionXLInpaintPipeline(**tiny_sdxl().components)
+
+
+def tiny_controlnet_sdxl():
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    pipe = tiny_sdxl()
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(module.weight, std=0.2)
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    return StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet)
