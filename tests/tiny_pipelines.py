@@ -84,15 +84,19 @@ def tiny_inpaint():
 
 def tiny_controlnet_sd():
     pipe = tiny_sd()
+    return StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "image_encoder"}, controlnet=tiny_controlnet(pipe.unet),
+        requires_safety_checker=False,
+    )
+
+
+def tiny_controlnet(unet):
     torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
     # A zero-initialised ControlNet adds nothing; give its output convs weights so it matters.
     for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
         torch.nn.init.normal_(module.weight, std=0.2)
-    return StableDiffusionControlNetPipeline(
-        **{k: v for k, v in pipe.components.items() if k != "image_encoder"}, controlnet=controlnet,
-        requires_safety_checker=False,
-    )
+    return controlnet
 
 
 def tiny_sdxl():
@@ -126,9 +130,5 @@ def tiny_controlnet_sdxl():
     from diffusers import StableDiffusionXLControlNetPipeline
 
     pipe = tiny_sdxl()
-    torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
-    for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-        torch.nn.init.normal_(module.weight, std=0.2)
     components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
-    return StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet)
+    return StableDiffusionXLControlNetPipeline(**components, controlnet=tiny_controlnet(pipe.unet))
