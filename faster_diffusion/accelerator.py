@@ -26,7 +26,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .schedules import key_step_indices, parse_key_steps

@@ -1,6 +1,5 @@
 """Encoder propagation on the ordinary pipe(...) call of tiny SD-shaped pipelines."""
 
-import warnings
 
 import pytest
 import torch
