@@ -49,9 +49,11 @@ def test_real_classes_and_sd_layout(pipe):
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     u = pipe.unet.config
-    assert tuple(u.down_block_types) == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    levels = len(u.block_out_channels)  # SD1.5's layout: attention at every level but the lowest
+    assert levels >= 3
+    assert tuple(u.down_block_types) == ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
     assert u.mid_block_type == "UNetMidBlock2DCrossAttn"
-    assert tuple(u.up_block_types) == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    assert tuple(u.up_block_types) == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
     assert u.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.vae.config.latent_channels == u.in_channels == 4
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
