@@ -385,10 +385,11 @@ def main(argv=None) -> int:
         for batch in [int(b) for b in str(args.batch).split(",")]:
             log(f"  {args.model} {sampler}-{steps} batch {batch} {args.resolution}px compile={args.compile} channels_last={args.channels_last}")
             t1 = time.perf_counter()
-            extra = lambda: dict(device=args.device, dtype=args.dtype,  # noqa: E731
-                                 compile=args.compile + ("+cl" if args.channels_last else ""),
-                                 output_type=args.output_type, guidance=args.guidance, key_steps=args.key_steps,
-                                 max_parallel=args.max_parallel, wall_s=time.perf_counter() - t1)
+
+            def extra():
+                return dict(device=args.device, dtype=args.dtype, compile=args.compile + ("+cl" if args.channels_last else ""),
+                            output_type=args.output_type, guidance=args.guidance, key_steps=args.key_steps,
+                            max_parallel=args.max_parallel, wall_s=time.perf_counter() - t1)
 
             def on_repeat(partial):
                 common.write_json(out_path, dict(result, results=[*result["results"], dict(partial, **extra())]))

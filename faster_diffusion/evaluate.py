@@ -250,7 +250,8 @@ def _line(row: dict) -> str:
 def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
     sampler, kw = SETTINGS[name]
     imgs = images[name]
-    adherence = shapes.score([shapes.detect(im) for im in imgs], targets)
+    detections = [shapes.detect(im) for im in imgs]
+    adherence = shapes.score(detections, targets)
     psnr, ssim, same = _fidelity(images[sampler], imgs)
     row = {
         "name": name,
@@ -264,6 +265,7 @@ def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
         "noise_injection": None if kw is None else kw["noise_injection"],
         "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
         "adherence": adherence,
+        "position_confusion": shapes.position_confusion(detections, targets),
         "psnr": psnr,
         "ssim": ssim,
         "identical_images": same,
@@ -305,6 +307,18 @@ def to_markdown(report: dict, command: str) -> str:
             f"{a['position']:.1%} | {a['all']:.1%} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} | "
             f"{r['seconds']:.1f} | {r['speedup']:.2f}x |"
         )
+    for r in report["settings"]:
+        if r["accelerated"]:
+            continue
+        lines += [
+            "",
+            f"Position read by the detector (columns) per caption position (rows), {r['label']}:",
+            "",
+            "| caption | " + " | ".join([*shapes.POSITIONS, "none"]) + " |",
+            "| --- |" + " ---: |" * (len(shapes.POSITIONS) + 1),
+        ]
+        for want, got in r["position_confusion"].items():
+            lines.append(f"| {shapes.POSITIONS[want]} | " + " | ".join(str(n) for n in got.values()) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -286,3 +286,12 @@ def score(detections: Iterable[Detection | Attributes], targets: Iterable[Attrib
         hits["all"] += all(ok)
         n += 1
     return {k: (v / n if n else float("nan")) for k, v in hits.items()}
+
+
+def position_confusion(detections: Iterable[Detection | Attributes], targets: Iterable[Attributes]) -> dict[str, dict[str, int]]:
+    """Counts of detected position ("none": no shape found) per caption position, in ``POSITIONS`` order."""
+    counts = {p: dict.fromkeys([*POSITIONS, "none"], 0) for p in POSITIONS}
+    for d, t in zip(detections, targets):
+        d = d.attributes if isinstance(d, Detection) else d
+        counts[t.position][d.position or "none"] += 1
+    return counts

@@ -34,6 +34,9 @@ def test_tiny_run_writes_report(tmp_path, monkeypatch):
             assert key in r
         assert set(r["adherence"]) == {"colour", "shape", "position", "all"}
         assert all(0.0 <= v <= 1.0 for v in r["adherence"].values())
+        confusion = r["position_confusion"]  # caption position -> detected position counts
+        assert sum(sum(row.values()) for row in confusion.values()) == 4
+        assert sum(row[want] for want, row in confusion.items()) / 4 == r["adherence"]["position"]
     stock, fast = rows["ddim"], rows["ddim-paper-par"]
     assert stock["psnr"] == "inf" and math.isinf(float(stock["psnr"])) and stock["ssim"] == 1.0
     assert stock["identical_images"] == 4
@@ -41,3 +44,5 @@ def test_tiny_run_writes_report(tmp_path, monkeypatch):
     assert math.isfinite(float(fast["psnr"])) and float(fast["psnr"]) > 15 and 0.5 < fast["ssim"] <= 1.0
     md = (tmp_path / "quality.md").read_text()
     assert "| setting |" in md and "DDIM-6 stock" in md and "DDIM-6 paper parallel" in md and "| inf |" in md
+    assert "per caption position (rows), DDIM-6 stock:" in md and "| caption | left | right | top | bottom | center | none |" in md
+    assert "paper parallel:" not in md  # confusion tables for the stock samplers only
