@@ -5,7 +5,7 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: setup test generate serve schema
+.PHONY: setup test generate serve schema reference-model
 
 setup:
 	bash script/setup
@@ -26,3 +26,12 @@ serve: setup
 # Regenerate .cog/openapi_schema.json after changing predict.py's inputs.
 schema:
 	$(PY) script/openapi-schema
+
+# Retrain the bundled model from scratch on the CPU (three stages, ~57 min on 2 cores) into
+# build/tiny-shapes; weights/tiny-shapes/README.md says what each stage does.
+reference-model: setup
+	$(PY) script/train-reference --out build/reference/vae --minutes 9.5 --vae-fraction 0.9 --steps 1 --seed 5
+	$(PY) script/train-reference --vae-from build/reference/vae --out build/reference/layout --minutes 12 --batch 128 \
+		--high-t-frac 0.3 --high-t-min 600 --pure-noise-frac 0.5 --pure-noise-min-t 900 --x0-weight-max 20 --seed 6
+	$(PY) script/train-reference --init-from build/reference/layout --out build/tiny-shapes --minutes 36 --batch 128 --lr 5e-4 \
+		--high-t-frac 0.3 --high-t-min 600 --pure-noise-frac 0.5 --pure-noise-min-t 900 --x0-weight-max 5 --seed 7 --check 180

@@ -231,17 +231,19 @@ def test_same_seed_same_images(server):
 
 
 def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
-    inputs = dict(prompt=PROMPT, seed=7, num_inference_steps=20)
-    fast = ok(server.predict(acceleration="faster-diffusion", **inputs))
+    # uniform:2 over 50 steps: the bundled model drifts in colour under sparser schedules such as
+    # the default "paper" one, and at 20 steps (docs/quality.md), so closeness is checked here
+    inputs = dict(prompt=PROMPT, seed=7, num_inference_steps=50)
+    fast = ok(server.predict(acceleration="faster-diffusion", key_steps="uniform:2", **inputs))
     stock = ok(server.predict(acceleration="none", **inputs))
     fast_enc, fast_dec = passes(fast["logs"])
     stock_enc, stock_dec = passes(stock["logs"])
-    assert stock_enc == stock_dec == 20, stock["logs"]
-    assert fast_dec == 20 and fast_enc < stock_enc, fast["logs"]
+    assert stock_enc == stock_dec == 50, stock["logs"]
+    assert fast_dec == 50 and fast_enc == 25, fast["logs"]
     (a,) = decode_images(fast["output"])
     (b,) = decode_images(stock["output"])
     print(f"PSNR faster-diffusion vs stock: {psnr(a, b):.1f} dB")
-    assert psnr(a, b) > 20, f"PSNR {psnr(a, b):.1f} dB"
+    assert psnr(a, b) > 30, f"PSNR {psnr(a, b):.1f} dB"
 
 
 def test_img2img_and_inpainting_follow_the_input_image(server, model_dir):
