@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 import faster_diffusion
 from faster_diffusion import shapes
+from vae_sensitivity import latent_noise_psnr  # this folder (the script's own directory is on sys.path)
 
 PROMPT, SEEDS, STEPS = "a red square in the center", 16, 50
 
@@ -38,12 +39,7 @@ def staleness_and_vae_sensitivity(pipe, paper) -> tuple[float, float]:
     latents = pipe([PROMPT] * SEEDS, num_inference_steps=STEPS, guidance_scale=7.5, generator=gens, output_type="latent").images
     hook.remove()
     staleness = ((mid[-1] - mid[paper[-1]]).norm() / mid[-1].norm()).item()
-    scale = pipe.vae.config.scaling_factor
-    clean = pipe.vae.decode(latents / scale).sample.clamp(-1, 1)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    noisy = pipe.vae.decode((latents + 0.1 * latents.std() * noise) / scale).sample.clamp(-1, 1)
-    mse = ((noisy - clean) / 2).pow(2).mean((1, 2, 3))  # images in [0, 1]
-    return staleness, (10 * torch.log10(1 / mse)).mean().item()
+    return staleness, latent_noise_psnr(pipe.vae, latents / pipe.vae.config.scaling_factor)[0]
 
 
 def main() -> None:

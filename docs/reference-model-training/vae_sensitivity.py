@@ -16,17 +16,23 @@ from faster_diffusion import shapes
 
 
 @torch.no_grad()
+def latent_noise_psnr(vae, latents) -> tuple[float, torch.Tensor]:
+    """Mean PSNR (images in [0, 1]) of decoding ``latents`` (unscaled) with noise 0.1 x their std
+    added, against decoding them clean; also returns the clean decode, in [-1, 1]."""
+    clean = vae.decode(latents).sample.clamp(-1, 1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    noisy = vae.decode(latents + 0.1 * latents.std() * noise).sample.clamp(-1, 1)
+    return (10 * torch.log10(1 / ((noisy - clean) / 2).pow(2).mean((1, 2, 3)))).mean().item(), clean
+
+
+@torch.no_grad()
 def main() -> None:
     rng = np.random.default_rng(123)
     renders = np.stack([shapes.sample(rng)[0] for _ in range(64)])
     x = torch.from_numpy(renders).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     for path in sys.argv[1:]:
         vae = AutoencoderKL.from_pretrained(f"{path}/vae")
-        latents = vae.encode(x).latent_dist.mode()
-        clean = vae.decode(latents).sample.clamp(-1, 1)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-        noisy = vae.decode(latents + 0.1 * latents.std() * noise).sample.clamp(-1, 1)
-        psnr = (10 * torch.log10(1 / ((noisy - clean) / 2).pow(2).mean((1, 2, 3)))).mean().item()
+        psnr, clean = latent_noise_psnr(vae, vae.encode(x).latent_dist.mode())
         mae = ((clean - x).abs().mean() * 127.5).item()
         print(f"{path}: reconstruction MAE {mae:.2f}/255, latent noise 0.1 x std -> PSNR {psnr:.1f} dB")
 
