@@ -29,6 +29,7 @@ RUN pip install -r requirements.txt "cog==0.23.1"
 
 COPY .cog /src/.cog
 COPY faster_diffusion /src/faster_diffusion
+COPY service /src/service
 COPY predict.py cog.yaml /src/
 COPY weights /src/weights
 

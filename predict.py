@@ -37,7 +37,7 @@ from diffusers import (
 )
 
 import faster_diffusion
-from faster_diffusion.weights import load_pipeline, resolve_weights
+from service.weights import load_pipeline, resolve_weights
 
 # name -> (scheduler class, config overrides)
 SCHEDULERS = {

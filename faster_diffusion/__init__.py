@@ -6,7 +6,8 @@
     accel.stats                     # encoder / decoder passes of the last call
     faster_diffusion.disable(pipe)  # the stock pipeline again
 
-Important args: ``key_steps`` (which steps run the UNet encoder) and ``parallel``
+Important args: ``key_steps`` (which steps run the UNet encoder; ``"auto"`` calibrates
+them on the model, see ``faster_diffusion.calibrate``) and ``parallel``
 (run the decoders of a key step's group as one batch). Args to tinker with:
 ``max_parallel`` (steps per decoder batch, bounds memory), ``noise_injection``
 and ``noise_injection_timestep`` (prior noise injection: adds
@@ -16,9 +17,13 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 from diffusers import UNet2DConditionModel
 
 from .accelerator import FasterDiffusion
-from .schedules import PAPER_SCHEDULES, key_step_indices, parse_key_steps
+from .calibration import Calibration, calibrate, refine
+from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
 
-__all__ = ["FasterDiffusion", "enable", "disable", "key_step_indices", "parse_key_steps", "PAPER_SCHEDULES"]
+__all__ = [
+    "FasterDiffusion", "enable", "disable", "calibrate", "refine", "Calibration",
+    "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
+]
 
 
 def enable(
@@ -28,14 +33,18 @@ def enable(
     max_parallel: int | None = None,
     noise_injection: float = 0.003,
     noise_injection_timestep: float = 500,
+    calibration=None,
 ) -> FasterDiffusion:
     """Accelerates ``pipe`` (a diffusers pipeline with a UNet2DConditionModel, or the UNet itself).
 
-    Enabling an already accelerated pipeline replaces its settings. Returns the
+    ``key_steps="auto"`` / ``"auto:B"`` take the schedule from ``calibration`` (a ``Calibration``,
+    its JSON path, or a list of them; the first that matches the run's scheduler, timesteps and
+    size), else from the model directory's ``calibration/*.json``, else the first run is a stock
+    run that calibrates (``accel.calibrations`` keeps the result). Enabling an already accelerated pipeline replaces its settings. Returns the
     accelerator; use it as a context manager to disable on exit.
     """
     disable(pipe)
-    accel = FasterDiffusion(pipe, key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
+    accel = FasterDiffusion(pipe, key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep, calibration)
     return accel.enable()
 
 

@@ -9,6 +9,11 @@ ends, even if the loop raises. Inside a run:
 - each UNet call is one sampling step (the SD-family loops call the UNet once
   per step, with the classifier-free-guidance batch concatenated); the step
   index decides whether the encoder runs (``schedules.key_step_indices``);
+- a calibrated schedule (``"auto"``, ``"auto:B"``) is resolved at the first UNet
+  call, when the run's timesteps and latent size are known, from the first
+  matching calibration of: the ``calibration`` argument, this accelerator's
+  earlier runs, the model directory's ``calibration/*.json``; with none, this
+  run is a stock run that calibrates (``_find_calibration``);
 - in parallel mode, a key step's UNet call also runs the decoders of the
   following non-key steps in one batch, and their outputs are returned at those
   steps without running the UNet;
@@ -22,20 +27,24 @@ A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .schedules import key_step_indices, parse_key_steps
+from .calibration import Calibration, FeatureRecorder, run_info
+from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
     ENCODER_HOOK,
+    UNET_SIGNATURE,
     EncoderCacheHook,
     EncoderMode,
     ModelHook,
     add_hook,
+    as_float,
     encoder_modules,
     remove_hook,
     repeat_batch,
@@ -43,7 +52,8 @@ from .unet_split import (
 
 UNET_HOOK = "faster_diffusion_unet"
 CONTROLNET_HOOK = "faster_diffusion_controlnet"
-_UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
+CALIBRATION_DIR = "calibration"  # in a model directory: calibration/*.json, made by script/calibrate
+logger = logging.getLogger("faster_diffusion")
 
 
 @dataclass
@@ -51,8 +61,10 @@ class _Run:
     """State of one denoising run. Timesteps are resolved at the first UNet call if not given."""
 
     num_steps: int
-    key_steps: set
+    key_steps: set | None  # None until a calibrated schedule is resolved at the first UNet call
     timesteps: list | None = None
+    schedule_source: str = ""
+    recorder: FeatureRecorder | None = None  # set when this run calibrates
     step: int = 0  # index of the next UNet call
     precomputed: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
     initial_latent: torch.Tensor | None = None
@@ -74,6 +86,7 @@ class FasterDiffusion:
         max_parallel: int | None = None,
         noise_injection: float = 0.003,
         noise_injection_timestep: float = 500,
+        calibration=None,
     ):
         self.pipe = None if isinstance(pipe_or_unet, UNet2DConditionModel) else pipe_or_unet
         self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
@@ -83,6 +96,9 @@ class FasterDiffusion:
                 f"faster_diffusion.enable needs a pipeline with a UNet2DConditionModel `unet` or the UNet itself; got {found}"
             )
         self.set_params(key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
+        self.given_calibrations = _as_calibrations(calibration)
+        self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
+        self._model_calibrations: list[tuple[Calibration, Path]] | None = None  # read on first need
         self.stats: dict = {}
         self._run: _Run | None = None
         self._mode = EncoderMode()
@@ -167,8 +183,13 @@ class FasterDiffusion:
             num_steps = len(timesteps)
         else:  # SD-family pipelines set _num_timesteps just before their loop
             num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
-        # Resolving the schedule here makes a bad one fail before any sampling step.
-        self._run = _Run(num_steps, set(key_step_indices(self.key_steps, num_steps)), timesteps)
+        # Resolving the schedule here makes a bad one fail before any sampling step; a calibrated one
+        # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
+        check_key_steps(self.key_steps, num_steps)
+        if is_calibrated(self.key_steps):
+            self._run = _Run(num_steps, None, timesteps)
+        else:
+            self._run = _Run(num_steps, set(key_step_indices(self.key_steps, num_steps)), timesteps, str(self.key_steps))
         scheduler = getattr(self.pipe, "scheduler", None)
         if self.noise_injection > 0 and scheduler is not None:
             scheduler.step = self._wrap_scheduler_step(scheduler.step)
@@ -188,7 +209,7 @@ class FasterDiffusion:
     def _resolve_timesteps(self, timestep) -> None:
         """Finds the loop's timesteps in the pipeline scheduler's list from the first UNet call."""
         all_t = list(self.pipe.scheduler.timesteps)
-        t = _as_float(timestep)
+        t = as_float(timestep)
         n = min(self._run.num_steps, len(all_t))
         tail = len(all_t) - n
         if float(all_t[tail]) == t:  # img2img / inpainting: strength keeps the tail
@@ -200,6 +221,65 @@ class FasterDiffusion:
             start = matches[0]
         self._run.timesteps = all_t[start : start + n]
 
+    def _resolve_schedule(self, latent_size) -> None:
+        """Picks a calibrated run's key steps, or makes it a stock run that calibrates."""
+        run = self._run
+        scheduler = type(getattr(self.pipe, "scheduler", None)).__name__ if self.pipe is not None else "unknown"
+        found = self._find_calibration(scheduler, run.timesteps, latent_size)
+        if found is None:
+            run.key_steps = set(range(run.num_steps))
+            run.schedule_source = "calibrating: this run is stock and records the encoder features"
+            run.recorder = FeatureRecorder(self.unet).attach()
+            logger.warning(
+                "faster_diffusion: no calibration for %s %d steps at %dx%d latents; this run is stock and calibrates",
+                scheduler, run.num_steps, *latent_size,
+            )
+            return
+        calibration, source = found
+        run.key_steps = set(key_step_indices(self.key_steps, run.num_steps, calibration))
+        run.schedule_source = f"{self.key_steps} from {source}"
+
+    def _find_calibration(self, scheduler: str, timesteps, latent_size):
+        """(calibration, where it came from) for this run, or None."""
+        for calibration in self.given_calibrations:
+            if calibration.matches(scheduler, timesteps, latent_size):
+                return calibration, "the calibration argument"
+        for calibration in self.calibrations:
+            if calibration.matches(scheduler, timesteps, latent_size):
+                return calibration, f"a calibration made by an earlier run ({calibration.describe()})"
+        for calibration, path in self._shipped_calibrations():
+            if calibration.matches(scheduler, timesteps, latent_size):
+                return calibration, f"file {path}"
+        return None
+
+    def _shipped_calibrations(self) -> list[tuple[Calibration, Path]]:
+        """The model directory's calibration/*.json (read once)."""
+        if self._model_calibrations is None:
+            self._model_calibrations = []
+            model_dir = _model_dir(self.pipe, self.unet)
+            if model_dir is not None:
+                for path in sorted((model_dir / CALIBRATION_DIR).glob("*.json")):
+                    try:
+                        self._model_calibrations.append((Calibration.load(path), path))
+                    except (ValueError, KeyError, OSError) as err:
+                        logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
+        return self._model_calibrations
+
+    def _finish_calibration(self, run: _Run) -> None:
+        recorder, run.recorder = run.recorder, None
+        recorder.detach()
+        if run.step != run.num_steps:  # the loop did not finish: nothing to learn from
+            return
+        info = run_info(self.pipe, [], run.num_steps, {}, 0.0) if self.pipe is not None else {}
+        info["source"] = "the first run of an accelerator with key_steps='auto' (stock)"
+        scheduler = type(self.pipe.scheduler).__name__ if self.pipe is not None else "unknown"
+        calibration = recorder.calibration(scheduler, info)
+        self.calibrations.append(calibration)
+        logger.warning(
+            "faster_diffusion: calibrated %s; %s now gives key steps %s",
+            calibration.describe(), self.key_steps, key_step_indices(self.key_steps, run.num_steps, calibration),
+        )
+
     def _end_run(self) -> None:
         run, self._run = self._run, None
         self._mode.active = False
@@ -207,9 +287,12 @@ class FasterDiffusion:
             hook.cache = None
         if run is None:
             return
+        if run.recorder is not None:
+            self._finish_calibration(run)
         self.stats = {
             "steps": run.num_steps,
-            "key_steps": sorted(run.key_steps),
+            "key_steps": sorted(run.key_steps or ()),
+            "schedule_source": run.schedule_source,
             "encoder_passes": run.encoder_passes,
             "decoder_passes": run.decoder_passes,
             "unet_calls": run.unet_calls,
@@ -237,7 +320,7 @@ class FasterDiffusion:
             output = step(model_output, timestep, sample, *args, **kwargs)
             run.scheduler_steps += 1
             k = run.scheduler_steps
-            if run.timesteps is not None and k < len(run.timesteps) and _as_float(run.timesteps[k]) < self.noise_injection_timestep:
+            if run.recorder is None and run.timesteps is not None and k < len(run.timesteps) and as_float(run.timesteps[k]) < self.noise_injection_timestep:
                 injected = _prev_sample(output) + self.noise_injection * run.initial_latent
                 output = _with_prev_sample(output, injected)
             return output
@@ -248,7 +331,7 @@ class FasterDiffusion:
 
     def _unet_forward(self, original_forward, args, kwargs):
         run = self._run
-        bound = _UNET_SIGNATURE.bind(None, *args, **kwargs)
+        bound = UNET_SIGNATURE.bind(None, *args, **kwargs)
         bound.apply_defaults()
         call = dict(bound.arguments)
         call.pop("self")
@@ -256,6 +339,8 @@ class FasterDiffusion:
         sample, timestep = call["sample"], call["timestep"]
         if run.timesteps is None:
             self._resolve_timesteps(timestep)
+        if run.key_steps is None:
+            self._resolve_schedule(tuple(sample.shape[-2:]))
         i = run.step
         run.step += 1
         if i >= len(run.timesteps):
@@ -317,23 +402,46 @@ class _ControlNetHook(ModelHook):
         if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         # The ControlNet is called just before the UNet call of step `run.step`.
-        if run.timesteps is not None and run.step not in run.key_steps and self.cache is not None:
+        if run.key_steps is not None and run.step not in run.key_steps and self.cache is not None:
             return self.cache
         self.cache = self.fn_ref.original_forward(*args, **kwargs)
         run.controlnet_passes += 1
         return self.cache
 
 
-def _as_float(timestep) -> float:
-    """A loop's timestep as a number (pipelines pass a scalar, a 0-d or a batch-expanded tensor)."""
-    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+def _as_calibrations(calibration) -> list[Calibration]:
+    """The ``calibration`` argument as a list: None, a Calibration, a JSON path, or a list of these."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (Calibration, str, Path)):
+        calibration = [calibration]
+    result = []
+    for item in calibration:
+        if isinstance(item, (str, Path)):
+            item = Calibration.load(item)
+        if not isinstance(item, Calibration):
+            raise TypeError(f"calibration: expected a Calibration or the path of its JSON file, got {type(item).__name__}")
+        result.append(item)
+    return result
+
+
+def _model_dir(pipe, unet) -> Path | None:
+    """The local directory the model was loaded from, if any (diffusers records it as name_or_path)."""
+    candidates = [getattr(pipe, "name_or_path", None)]
+    unet_path = getattr(unet.config, "_name_or_path", None)
+    if unet_path:
+        candidates.append(Path(unet_path).parent)  # <model>/unet
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
 
 
 def _check_timestep(timestep, expected, i: int) -> None:
-    if _as_float(timestep) != _as_float(expected):
+    if as_float(timestep) != as_float(expected):
         raise RuntimeError(
-            f"faster_diffusion: step {i} was called with t={_as_float(timestep)} but the run's timesteps say "
-            f"t={_as_float(expected)}; the sampling loop does not follow its scheduler's timesteps"
+            f"faster_diffusion: step {i} was called with t={as_float(timestep)} but the run's timesteps say "
+            f"t={as_float(expected)}; the sampling loop does not follow its scheduler's timesteps"
         )
 
 

@@ -2,13 +2,17 @@
 
 A schedule is given as a *spec* and resolved against a step count:
 
+- ``"auto"``: calibrated on the model (``faster_diffusion.calibration``): the fewest
+  encoder passes whose encoder features stay within a tolerance of the stock run's.
+- ``"auto:B"``: calibrated, with exactly ``B`` encoder passes.
 - ``"paper"``: the paper's non-uniform schedule (dense early, sparse late).
 - ``"all"``: every step is a key step (no acceleration; equals the stock UNet).
 - ``"uniform:K"``: every K-th step (0, K, 2K, ...).
 - explicit indices: a list of ints or a string such as ``"0,1,2,5,10"``; strictly
   increasing, starting at 0.
 
-This module is the one place where a key step is decided.
+This module is the one place where a key step is decided; the calibrated schedules
+come from ``Calibration.schedule``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ PAPER_SCHEDULES = {
 DENSE_PREFIX = 4
 
 ACCEPTED_FORMS = (
+    "'auto', 'auto:B' with an integer budget B >= 1 of encoder passes, "
     "'paper', 'all', 'uniform:K' with an integer K >= 1, or strictly increasing step "
     "indices starting at 0 (a list of ints or a string such as '0,1,2,5,10')"
 )
@@ -36,18 +41,19 @@ ACCEPTED_FORMS = (
 def parse_key_steps(spec) -> str | tuple[int, ...]:
     """Checks the form of a key-step spec without a step count.
 
-    Returns a normalised spec: ``"paper"``, ``"all"``, ``"uniform:K"`` or a tuple
-    of indices. Raises ``ValueError`` naming the value and the accepted forms.
+    Returns a normalised spec: ``"auto"``, ``"auto:B"``, ``"paper"``, ``"all"``,
+    ``"uniform:K"`` or a tuple of indices. Raises ``ValueError`` naming the value and the accepted forms.
     """
     if isinstance(spec, str):
         text = spec.strip().lower()
-        if text in ("paper", "all"):
+        if text in ("auto", "paper", "all"):
             return text
-        if text.startswith("uniform:"):
-            k = text.split(":", 1)[1].strip()
-            if not k.isdigit() or int(k) < 1:
-                raise ValueError(f"key_steps={spec!r}: K must be an integer >= 1; accepted: {ACCEPTED_FORMS}")
-            return f"uniform:{int(k)}"
+        for prefix, letter in (("uniform:", "K"), ("auto:", "B")):
+            if text.startswith(prefix):
+                k = text.split(":", 1)[1].strip()
+                if not k.isdigit() or int(k) < 1:
+                    raise ValueError(f"key_steps={spec!r}: {letter} must be an integer >= 1; accepted: {ACCEPTED_FORMS}")
+                return f"{prefix}{int(k)}"
         parts = [p.strip() for p in text.split(",")]
         if not text or not all(p.lstrip("-").isdigit() for p in parts):
             raise ValueError(f"key_steps={spec!r} is not a key-step schedule; accepted: {ACCEPTED_FORMS}")
@@ -68,22 +74,55 @@ def parse_key_steps(spec) -> str | tuple[int, ...]:
     return indices
 
 
-def key_step_indices(spec, num_steps: int) -> list[int]:
-    """Resolves a key-step spec to sorted step indices for a run of ``num_steps`` steps."""
+def is_calibrated(spec) -> bool:
+    """Whether a (valid) spec is ``"auto"`` or ``"auto:B"``: its steps come from a calibration."""
+    spec = parse_key_steps(spec)
+    return isinstance(spec, str) and spec.split(":")[0] == "auto"
+
+
+def auto_budget(spec) -> int | None:
+    """B of ``"auto:B"``; None for ``"auto"`` and other specs."""
+    spec = parse_key_steps(spec)
+    return int(spec.split(":")[1]) if isinstance(spec, str) and spec.startswith("auto:") else None
+
+
+def check_key_steps(spec, num_steps: int) -> None:
+    """Raises ``ValueError`` if ``spec`` cannot give a schedule for ``num_steps`` steps (calibrated or not)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     spec = parse_key_steps(spec)
+    if isinstance(spec, tuple) and spec[-1] >= num_steps:
+        raise ValueError(
+            f"key_steps={list(spec)}: index {spec[-1]} is out of range for {num_steps} steps "
+            f"(indices must lie in [0, {num_steps - 1}])"
+        )
+    if isinstance(spec, str) and spec.startswith("auto:") and int(spec.split(":")[1]) > num_steps:
+        raise ValueError(
+            f"key_steps={spec!r}: a budget of {spec.split(':')[1]} encoder passes is more than the "
+            f"{num_steps} steps of the run (B must lie in [1, {num_steps}])"
+        )
+
+
+def key_step_indices(spec, num_steps: int, calibration=None) -> list[int]:
+    """Resolves a key-step spec to sorted step indices for a run of ``num_steps`` steps.
+
+    ``"auto"`` and ``"auto:B"`` need the run's ``calibration`` (a ``Calibration``)."""
+    check_key_steps(spec, num_steps)
+    spec = parse_key_steps(spec)
+    if is_calibrated(spec):
+        if calibration is None:
+            raise ValueError(f"key_steps={spec!r} needs a calibration (faster_diffusion.calibrate)")
+        if calibration.num_steps != num_steps:
+            raise ValueError(
+                f"key_steps={spec!r}: the calibration is for {calibration.num_steps} steps, the run has {num_steps}"
+            )
+        return calibration.schedule(budget=auto_budget(spec))
     if spec == "all":
         return list(range(num_steps))
     if spec == "paper":
         return paper_schedule(num_steps)
     if isinstance(spec, str):  # uniform:K
         return list(range(0, num_steps, int(spec.split(":")[1])))
-    if spec[-1] >= num_steps:
-        raise ValueError(
-            f"key_steps={list(spec)}: index {spec[-1]} is out of range for {num_steps} steps "
-            f"(indices must lie in [0, {num_steps - 1}])"
-        )
     return list(spec)
 
 

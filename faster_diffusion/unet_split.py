@@ -18,10 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.hooks import HookRegistry, ModelHook
 
 ENCODER_HOOK = "faster_diffusion_encoder"
+UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
+
+
+def as_float(timestep) -> float:
+    """A loop's timestep as a number (pipelines pass a scalar, a 0-d or a batch-expanded tensor)."""
+    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
 @dataclass

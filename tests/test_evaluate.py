@@ -1,11 +1,11 @@
-"""A tiny run of the quality harness (faster_diffusion.evaluate) on the bundled model."""
+"""A tiny run of the quality harness (faster_diffusion.quality.evaluate) on the bundled model."""
 
 import json
 import math
 
 import pytest
 
-from faster_diffusion import evaluate as ev
+from faster_diffusion.quality import evaluate as ev
 
 pytestmark = pytest.mark.skipif(not (ev.DEFAULT_MODEL / "model_index.json").exists(), reason="weights/tiny-shapes missing")
 

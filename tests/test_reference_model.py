@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from faster_diffusion import shapes
+from faster_diffusion.quality import shapes
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 SEED = 0  # generator seed of the sample test (DDIM-20, guidance 7.5)

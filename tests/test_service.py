@@ -392,7 +392,7 @@ def test_script_generate_writes_images(model_dir, tmp_path):
 
 @pytest.mark.skipif(not bundled_model_available(), reason="weights/tiny-shapes is not committed yet")
 def test_setup_without_weights_falls_back_to_the_bundled_model_with_a_warning(monkeypatch, capsys):
-    from faster_diffusion.weights import SD15_DIR
+    from service.weights import SD15_DIR
 
     if (SD15_DIR / "model_index.json").exists():
         pytest.skip(f"{SD15_DIR} is present on this machine")
@@ -465,7 +465,7 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
                 continue  # weights/ is in git from the commit of the bundled weights/tiny-shapes on
             assert (ROOT / source).exists(), f"{line!r}: {source} is missing"
             assert source not in ignored, f"{line!r}: {source} is in .dockerignore"
-    for needed in (".cog", "predict.py", "faster_diffusion", "requirements.txt"):
+    for needed in (".cog", "predict.py", "faster_diffusion", "service", "requirements.txt"):
         assert needed not in ignored
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from faster_diffusion import shapes
+from faster_diffusion.quality import shapes
 
 
 def test_caption_template_and_round_trip():

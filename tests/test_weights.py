@@ -1,4 +1,4 @@
-"""faster_diffusion.weights: where the service's weights come from, and loading them."""
+"""service.weights: where the service's weights come from, and loading them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from faster_diffusion import weights as W
+from service import weights as W
 
 
 def fake_pipeline(path: Path, marker: str = "") -> Path:

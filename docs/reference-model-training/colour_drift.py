@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import faster_diffusion
-from faster_diffusion import shapes
+from faster_diffusion.quality import shapes
 from vae_sensitivity import latent_noise_psnr  # this folder (the script's own directory is on sys.path)
 
 PROMPT, SEEDS, STEPS = "a red square in the center", 16, 50

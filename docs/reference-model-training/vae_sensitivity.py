@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from faster_diffusion import shapes
+from faster_diffusion.quality import shapes
 
 
 @torch.no_grad()

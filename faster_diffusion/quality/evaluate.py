@@ -1,15 +1,15 @@
 """Quality harness: prompt adherence and fidelity of faster-diffusion on the bundled tiny-shapes model.
 
-    python -m faster_diffusion.evaluate                       # full run (200 images) -> docs/quality.{json,md}
-    python -m faster_diffusion.evaluate --num-prompts 10 --seeds 1 --settings ddim,ddim-paper-par --out /tmp/q
+    python -m faster_diffusion.quality.evaluate                       # full run (200 images) -> docs/quality.{json,md}
+    python -m faster_diffusion.quality.evaluate --num-prompts 10 --seeds 1 --settings ddim,ddim-paper-par --out /tmp/q
 
-A fixed prompt x seed set (captions of ``faster_diffusion.shapes`` in a fixed shuffled
+A fixed prompt x seed set (captions of ``faster_diffusion.quality.shapes`` in a fixed shuffled
 order, cycled; image ``k`` of seed index ``s`` uses ``torch.Generator().manual_seed(1000 * s + k)``
 so every setting starts from the same initial noise) is sampled with classifier-free
 guidance 7.5 under each setting. For each setting it reports
 
 * adherence: the fraction of images whose detected colour / shape / position / all
-  three match the caption (``faster_diffusion.shapes.detect``);
+  three match the caption (``faster_diffusion.quality.shapes.detect``);
 * fidelity to the stock (unaccelerated) images of the same sampler, step count and
   seed: mean PSNR and SSIM (scikit-image, data range 1); identical images give
   PSNR ``inf`` (written as the string ``"inf"`` in the JSON) and SSIM 1;
@@ -32,7 +32,7 @@ import numpy as np
 
 from . import shapes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "weights" / "tiny-shapes"
 GUIDANCE = 7.5
 
@@ -291,7 +291,7 @@ def to_markdown(report: dict, command: str) -> str:
         f"- command: `{command}`",
         f"- set: {report['num_images']} images = {report['num_prompts']} captions x {report['seeds']} seeds, "
         f"guidance {report['guidance_scale']}, one `torch.Generator` per image (same initial noise in every setting)",
-        "- adherence: fraction of images whose colour / shape / position read by `faster_diffusion.shapes.detect` "
+        "- adherence: fraction of images whose colour / shape / position read by `faster_diffusion.quality.shapes.detect` "
         "match the caption; fidelity: mean PSNR (dB) / SSIM against the stock images of the same sampler and seed",
     ]
     lines += [f"- note: {n}" for n in report.get("notes", [])]
@@ -334,7 +334,7 @@ def write_report(report: dict, out: str | Path, command: str) -> tuple[Path, Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m faster_diffusion.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m faster_diffusion.quality.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_MODEL))
     ap.add_argument("--num-prompts", type=int, default=100, help="captions (of the 90, in a fixed shuffled order, cycled)")
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = list(SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
-    command = "python -m faster_diffusion.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m faster_diffusion.quality.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     if args.cache_only and not args.cache_dir:
         ap.error("--cache-only needs --cache-dir")

@@ -1,0 +1,384 @@
+"""Calibrated key steps: pick each model's schedule from how its encoder features move.
+
+One stock run records a fixed random sample of every encoder module's output at
+every step (``FeatureRecorder``). From it, ``cost[i, j]`` is what reusing step
+``i``'s features at step ``j`` costs: the squared L2 distance between the two
+steps' outputs relative to step ``j``'s, averaged over the batch rows and summed
+over the modules (``conv_in``, each down block's skip features, the mid block).
+A schedule's *reuse cost* is the sum of ``cost[k(j), j]`` over its non-key steps,
+``k(j)`` being the latest key at or before ``j``. ``Calibration.schedule`` finds
+the key set of least reuse cost by dynamic programming, exactly: for a budget of
+encoder passes, or the fewest passes whose mean reuse cost per step is at most a
+tolerance. ``refine`` then improves a budget's schedule by a local search on the
+final latents' distance to the stock run's.
+
+Why a random sample of coordinates: the features of SD1.5 at 512² are ~16 MB a
+row per step; ``SKETCH_SIZE`` coordinates a module keep the cost estimate within
+about 1/sqrt(SKETCH_SIZE) of the exact one while the stored sketch stays small
+(``sketch_bytes``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .unet_split import UNET_SIGNATURE, ModelHook, add_hook, as_float, encoder_modules, remove_hook
+
+logger = logging.getLogger("faster_diffusion")
+
+SKETCH_SIZE = 4096  # coordinates kept per module and batch row
+SKETCH_SEED = 0
+RECORDER_HOOK = "faster_diffusion_recorder"
+#: ``key_steps="auto"``: the fewest encoder passes whose mean reuse cost per step is at most this.
+#: Chosen on the bundled model (docs/calibration.md); a model whose features move faster gets more keys.
+DEFAULT_TOLERANCE = 0.02
+FORMAT_VERSION = 1
+
+
+def _feature_tensors(output) -> list[torch.Tensor]:
+    """The tensors of an encoder module's output the decoder reads: a down block's skip features
+    (its second output), otherwise the output itself."""
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], tuple):
+        return list(output[1])
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return [t for t in output if isinstance(t, torch.Tensor)]
+
+
+class _SketchHook(ModelHook):
+    """Appends a fixed random sample of the module's output coordinates (per batch row) at each call."""
+
+    def __init__(self, recorder: "FeatureRecorder", slot: int):
+        super().__init__()
+        self.recorder, self.slot = recorder, slot
+
+    def post_forward(self, module, output):
+        self.recorder._record(self.slot, _feature_tensors(output))
+        return output
+
+
+class _StepHook(ModelHook):
+    """Notes each UNet call's timestep and latent size."""
+
+    def __init__(self, recorder: "FeatureRecorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def pre_forward(self, module, *args, **kwargs):
+        bound = UNET_SIGNATURE.bind(None, *args, **kwargs)
+        sample, timestep = bound.arguments["sample"], bound.arguments["timestep"]
+        self.recorder.timesteps.append(as_float(timestep))
+        self.recorder.latent_size = tuple(sample.shape[-2:])
+        return args, kwargs
+
+
+class FeatureRecorder:
+    """Records encoder-feature sketches of every UNet call while attached (one call = one step)."""
+
+    def __init__(self, unet, sketch_size: int = SKETCH_SIZE, seed: int = SKETCH_SEED):
+        self.unet = unet
+        self.modules = encoder_modules(unet)
+        self.sketch_size, self.seed = sketch_size, seed
+        self.sketches: list[list[torch.Tensor]] = [[] for _ in self.modules]  # [module][step] -> (rows, D)
+        self.timesteps: list[float] = []
+        self.latent_size: tuple[int, int] | None = None
+        self._indices: list[torch.Tensor | None] = [None] * len(self.modules)
+
+    def attach(self) -> "FeatureRecorder":
+        for slot, module in enumerate(self.modules):
+            add_hook(module, _SketchHook(self, slot), RECORDER_HOOK)
+        add_hook(self.unet, _StepHook(self), RECORDER_HOOK)
+        return self
+
+    def detach(self) -> None:
+        for module in (*self.modules, self.unet):
+            remove_hook(module, RECORDER_HOOK)
+
+    def _record(self, slot: int, tensors: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.detach().flatten(1) for t in tensors], dim=1)
+        if self._indices[slot] is None:
+            g = torch.Generator().manual_seed(self.seed + slot)
+            n = flat.shape[1]
+            self._indices[slot] = torch.randperm(n, generator=g)[: self.sketch_size].to(flat.device)
+        self.sketches[slot].append(flat[:, self._indices[slot]].float().cpu())
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sketches[0])
+
+    def cost_matrix(self) -> np.ndarray:
+        """``cost[i, j]`` (i <= j): relative squared L2 distance of step j's features to step i's."""
+        n = self.num_steps
+        cost = torch.zeros(n, n, dtype=torch.float64)
+        for per_step in self.sketches:
+            feats = torch.stack(per_step).double()  # (steps, rows, D)
+            norms = feats.pow(2).sum(-1).clamp_min(1e-12)  # (steps, rows)
+            for i in range(n):
+                dist = (feats[i:] - feats[i]).pow(2).sum(-1)  # (n - i, rows)
+                cost[i, i:] += (dist / norms[i:]).mean(-1)
+        return cost.numpy()
+
+    def sketch_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for per_step in self.sketches for s in per_step)
+
+    def calibration(self, scheduler: str, info: dict) -> "Calibration":
+        if self.num_steps < 1 or len(self.timesteps) != self.num_steps:
+            raise RuntimeError(
+                f"faster_diffusion: the recorded run has {self.num_steps} encoder passes for {len(self.timesteps)} "
+                "UNet calls; calibration needs a stock run that calls the UNet once per step"
+            )
+        info = {**info, "sketch_size": self.sketch_size, "sketch_bytes": self.sketch_bytes()}
+        return Calibration(self.cost_matrix(), list(self.timesteps), scheduler, self.latent_size, info)
+
+
+@dataclass
+class Calibration:
+    """The reuse costs of one model, scheduler, step count and size; picks key steps from them."""
+
+    cost: np.ndarray  # (steps, steps), upper triangle used
+    timesteps: list[float]
+    scheduler: str  # scheduler class name
+    latent_size: tuple[int, int]  # (height, width) of the UNet's input
+    info: dict = field(default_factory=dict)  # what it was calibrated on: model, prompts, date, ...
+    refined: dict[int, list[int]] = field(default_factory=dict)  # budget -> key steps refined on outputs
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def describe(self) -> str:
+        h, w = self.latent_size
+        return f"{self.scheduler} {self.num_steps} steps at {h}x{w} latents"
+
+    def matches(self, scheduler, timesteps, latent_size) -> bool:
+        """Whether this calibration is for a run of ``scheduler`` (class name) over ``timesteps`` at ``latent_size``."""
+        return (
+            self.scheduler == scheduler
+            and tuple(self.latent_size) == tuple(latent_size)
+            and len(self.timesteps) == len(timesteps)
+            and all(float(a) == float(b) for a, b in zip(self.timesteps, timesteps))
+        )
+
+    def reuse_cost(self, key_steps) -> float:
+        """Sum over the non-key steps of the cost of reusing the latest key step's features."""
+        keys = sorted(set(key_steps))
+        if not keys or keys[0] != 0:
+            raise ValueError(f"key_steps={keys}: step 0 must be a key step")
+        total, last = 0.0, 0
+        for j in range(self.num_steps):
+            if j in keys:
+                last = j
+            else:
+                total += float(self.cost[last, j])
+        return total
+
+    def schedule(self, budget: int | None = None, tolerance: float | None = None) -> list[int]:
+        """The key steps of least reuse cost: exactly ``budget`` encoder passes, or (``tolerance``)
+        the fewest passes whose mean reuse cost per step is at most ``tolerance``.
+
+        With neither, ``DEFAULT_TOLERANCE``. A budget with a refined schedule returns that one.
+        """
+        n = self.num_steps
+        if budget is not None and tolerance is not None:
+            raise ValueError("give a budget or a tolerance, not both")
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
+                raise ValueError(f"budget={budget!r} must be an integer in [1, {n}] (encoder passes of a {n}-step run)")
+            if budget in self.refined:
+                return list(self.refined[budget])
+            return _least_cost_schedules(self.cost, budget)[budget]
+        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
+        schedules = _least_cost_schedules(self.cost, n)
+        for b in range(1, n + 1):
+            if self.reuse_cost(schedules[b]) <= tolerance * n:
+                return schedules[b]
+        return list(range(n))
+
+    # -- files -----------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_steps,
+            "timesteps": [float(t) for t in self.timesteps],
+            "latent_size": list(self.latent_size),
+            "info": self.info,
+            "refined": {str(b): list(k) for b, k in sorted(self.refined.items())},
+            "cost": [[round(float(c), 7) for c in row] for row in self.cost],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"calibration format {data.get('format')!r} is not {FORMAT_VERSION}")
+        return cls(
+            cost=np.asarray(data["cost"], dtype=np.float64),
+            timesteps=[float(t) for t in data["timesteps"]],
+            scheduler=data["scheduler"],
+            latent_size=tuple(data["latent_size"]),
+            info=data.get("info", {}),
+            refined={int(b): [int(k) for k in keys] for b, keys in data.get("refined", {}).items()},
+        )
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _least_cost_schedules(cost: np.ndarray, max_budget: int) -> dict[int, list[int]]:
+    """For every budget b in [1, max_budget], the b key steps (0 among them) of least reuse cost.
+
+    best[b][e]: least cost of steps [0, e) with b keys, the last segment ending at e; a segment
+    starting at key a and ending before e costs sum(cost[a, a+1:e]). O(max_budget * steps^2).
+    """
+    n = cost.shape[0]
+    row_cum = np.zeros((n, n + 1))
+    for a in range(n):
+        row_cum[a, a + 2 :] = np.cumsum(cost[a, a + 1 :])  # row_cum[a, e] = sum(cost[a, a+1:e])
+    inf = float("inf")
+    best = np.full((max_budget + 1, n + 1), inf)
+    start = np.zeros((max_budget + 1, n + 1), dtype=int)  # start of the last segment
+    best[1, 1:] = row_cum[0, 1:]
+    for b in range(2, max_budget + 1):
+        for e in range(b, n + 1):
+            a = np.arange(b - 1, e)  # the last key
+            totals = best[b - 1, a] + row_cum[a, e]
+            k = int(np.argmin(totals))
+            best[b, e], start[b, e] = totals[k], a[k]
+    schedules = {}
+    for b in range(1, max_budget + 1):
+        keys, e = [], n
+        for m in range(b, 1, -1):
+            e = start[m, e]
+            keys.append(int(e))
+        schedules[b] = [0] + sorted(keys)
+    return schedules
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("faster-diffusion")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_info(pipe, prompts, num_inference_steps, call_kwargs, seconds) -> dict:
+    """What a calibration was made on, for its JSON file."""
+    return {
+        "model": str(getattr(pipe, "name_or_path", None) or type(pipe).__name__),
+        "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "num_inference_steps": num_inference_steps,
+        "prompts": list(prompts),
+        "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "library_version": _library_version(),
+        "seconds": round(seconds, 3),
+    }
+
+
+def calibrate(pipe, prompts, num_inference_steps: int = 50, **call_kwargs) -> Calibration:
+    """Runs the stock pipeline once on ``prompts`` (one batch, the pipeline's current scheduler)
+    and returns the calibration of its encoder features. ``call_kwargs`` go to ``pipe(...)``
+    (height, width, guidance_scale, generator, ...). An accelerator on ``pipe`` is paused meanwhile."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts: calibration needs at least one prompt")
+    accel = getattr(pipe.unet, "_faster_diffusion", None)
+    if accel is not None:
+        accel.disable()
+    recorder = FeatureRecorder(pipe.unet).attach()
+    started = time.perf_counter()
+    try:
+        pipe(prompts, num_inference_steps=num_inference_steps, **{"output_type": "latent", **call_kwargs})
+    finally:
+        recorder.detach()
+        if accel is not None:
+            accel.enable()
+    seconds = time.perf_counter() - started
+    calibration = recorder.calibration(
+        type(pipe.scheduler).__name__, run_info(pipe, prompts, num_inference_steps, call_kwargs, seconds)
+    )
+    logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), seconds)
+    return calibration
+
+
+def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, sweeps: int = 3, moves=(-2, -1, 1, 2), **call_kwargs):
+    """Improves ``calibration.schedule(budget)`` by a local search on the outputs, and stores the result
+    in ``calibration.refined[budget]`` (so ``key_steps=f"auto:{budget}"`` uses it).
+
+    Starting from the least-reuse-cost schedule, each sweep tries moving every key but step 0 by each
+    of ``moves`` and keeps a move when it lowers the mean squared distance of the final latents to
+    the stock run's on ``prompts`` (generator seeds ``seeds``, default 0, 1, ...). Returns
+    ``(key_steps, report)``; the report lists the distance before and after.
+    """
+    from . import disable, enable  # the package's public API; imported here to avoid a cycle
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    n = calibration.num_steps
+    call_kwargs = {"output_type": "latent", **call_kwargs}
+
+    def final_latents(key_steps):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if key_steps is None:
+            disable(pipe)
+        else:
+            enable(pipe, key_steps=key_steps, parallel=True, noise_injection=0.0)
+        try:
+            return pipe(prompts, num_inference_steps=n, generator=generators, **call_kwargs).images
+        finally:
+            disable(pipe)
+
+    started = time.perf_counter()
+    stock = final_latents(None)
+    calibration.refined.pop(budget, None)
+    keys = initial = calibration.schedule(budget=budget)
+    distance = lambda ks: float((final_latents(ks) - stock).pow(2).mean())  # noqa: E731
+    best = start = distance(keys)
+    evaluations = 1
+    for _ in range(sweeps):
+        improved = False
+        for position in range(1, len(keys)):
+            for move in moves:
+                candidate = sorted(set(keys[:position] + [keys[position] + move] + keys[position + 1 :]))
+                if len(candidate) != len(keys) or not 0 < candidate[position] < n:
+                    continue
+                value = distance(candidate)
+                evaluations += 1
+                if value < best:
+                    keys, best, improved = candidate, value, True
+        if not improved:
+            break
+    calibration.refined[budget] = keys
+    report = {
+        "budget": budget,
+        "initial_key_steps": initial,
+        "key_steps": keys,
+        "latent_mse_before": start,
+        "latent_mse_after": best,
+        "evaluations": evaluations,
+        "seconds": round(time.perf_counter() - started, 1),
+        "prompts": prompts,
+        "seeds": seeds,
+    }
+    calibration.info.setdefault("refinement", {})[str(budget)] = report
+    return keys, report
