@@ -20,34 +20,21 @@ import os
 import secrets
 import tempfile
 import time
+from pathlib import Path as FilePath
 from typing import Optional
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from cog import BaseRunner, Input, Path
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
 import faster_diffusion
+from faster_diffusion.accelerator import shipped_calibrations
+from service import calibrations
+from service.schedulers import SCHEDULERS, make_scheduler
 from service.weights import load_pipeline, resolve_weights
 
-# name -> (scheduler class, config overrides)
-SCHEDULERS = {
-    "DDIM": (DDIMScheduler, {}),
-    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "EulerDiscrete": (EulerDiscreteScheduler, {}),
-    "EulerAncestralDiscrete": (EulerAncestralDiscreteScheduler, {}),
-    "UniPC": (UniPCMultistepScheduler, {}),
-    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
-}
+DEFAULT_SCHEDULER, DEFAULT_STEPS = "DDIM", 50
 ACCELERATIONS = ["faster-diffusion", "none"]
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 SAVE_OPTIONS = {"png": {}, "webp": {"quality": 95}, "jpg": {"quality": 95}}
@@ -80,7 +67,8 @@ class Predictor(BaseRunner):
         self.size_multiple = math.lcm(8, self.pipe.vae_scale_factor)
         self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         base_config = self.pipe.scheduler.config
-        self.schedulers = {name: cls.from_config(base_config, **extra) for name, (cls, extra) in SCHEDULERS.items()}
+        self.schedulers = {name: make_scheduler(name, base_config) for name in SCHEDULERS}
+        self.calibrations = self._calibrate_defaults(resolved.path)
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         print(
@@ -88,6 +76,27 @@ class Predictor(BaseRunner):
             f"max {self.max_pixels} px/request) in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
+
+    def _calibrate_defaults(self, model_dir) -> list:
+        """key_steps="auto" needs a calibration: the model directory may ship them (script/calibrate);
+        if none is for the default sampler and steps at the native size, make it now (one stock run)."""
+        shipped = shipped_calibrations(model_dir)
+        scheduler = self.schedulers[DEFAULT_SCHEDULER]
+        scheduler.set_timesteps(DEFAULT_STEPS)
+        latent = self.native_size // self.pipe.vae_scale_factor
+        if any(c.matches(type(scheduler).__name__, scheduler.timesteps, (latent, latent)) for c, _ in shipped):
+            print(f"setup: {len(shipped)} shipped calibrations in {FilePath(model_dir) / 'calibration'}", flush=True)
+            return []
+        started = time.perf_counter()
+        prompts = calibrations.calibration_prompts(model_dir)
+        calibration = calibrations.calibrate(self.pipe, DEFAULT_SCHEDULER, DEFAULT_STEPS, self.native_size, self.native_size, prompts)
+        calibration.info["source"] = "calibrated at setup"
+        print(
+            f"setup: calibrated key_steps=auto for {DEFAULT_SCHEDULER}-{DEFAULT_STEPS} at {self.native_size}px on "
+            f"{len(prompts)} prompts in {time.perf_counter() - started:.1f}s: {calibration.schedule()}",
+            flush=True,
+        )
+        return [calibration]
 
     def run(
         self,
@@ -123,13 +132,13 @@ class Predictor(BaseRunner):
             le=1024,
         ),
         num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
-        num_inference_steps: int = Input(description="Number of denoising steps.", default=50, ge=1, le=150),
+        num_inference_steps: int = Input(description="Number of denoising steps.", default=DEFAULT_STEPS, ge=1, le=150),
         guidance_scale: float = Input(
             description="Classifier-free guidance scale (1 or less turns guidance off).", default=7.5, ge=0, le=20
         ),
         scheduler: str = Input(
             description="Sampler. DPMSolverMultistep is DPM-Solver++ (multistep).",
-            default="DDIM",
+            default=DEFAULT_SCHEDULER,
             choices=list(SCHEDULERS),
         ),
         acceleration: str = Input(
@@ -139,10 +148,13 @@ class Predictor(BaseRunner):
             choices=ACCELERATIONS,
         ),
         key_steps: str = Input(
-            description="Steps that run the UNet encoder (faster-diffusion only): 'paper' (the paper's schedule, "
-            "scaled to the step count), 'all', 'uniform:K' (every K-th step), or comma-separated step indices "
-            "starting at 0, e.g. '0,1,2,3,5,10,15,25,35'.",
-            default="paper",
+            description="Steps that run the UNet encoder (faster-diffusion only): 'auto' (calibrated on this model: "
+            "the fewest encoder passes that keep its encoder features close to the stock run's), 'auto:B' "
+            "(calibrated, B encoder passes), 'paper' (the paper's schedule, tuned for SD1.5), 'all', 'uniform:K' "
+            "(every K-th step), or comma-separated step indices starting at 0, e.g. '0,1,2,3,5,10,15,25,35'. "
+            "A sampler, step count or size without a calibration is calibrated by its first prediction, which "
+            "then runs unaccelerated.",
+            default="auto",
         ),
         parallel: bool = Input(
             description="faster-diffusion only: run the decoders of the steps between two key steps as one batch.",
@@ -172,7 +184,9 @@ class Predictor(BaseRunner):
         pipe.scheduler = self.schedulers[scheduler]
         accel = None
         if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
-            accel = faster_diffusion.enable(pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection)
+            accel = faster_diffusion.enable(
+                pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection, calibration=self.calibrations
+            )
         else:
             faster_diffusion.disable(pipe)
         print(
@@ -201,8 +215,10 @@ class Predictor(BaseRunner):
 
         if accel is not None:
             stats = accel.stats
+            self.calibrations += accel.calibrations  # a calibration this run made serves the next ones
             print(
                 f"key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
+                f"schedule_source={stats['schedule_source']!r} "
                 f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
                 f"unet_calls={stats['unet_calls']} parallel={parallel} noise_injection={noise_injection}",
                 flush=True,
@@ -280,7 +296,7 @@ class Predictor(BaseRunner):
         if acceleration != "faster-diffusion":
             return
         try:
-            faster_diffusion.key_step_indices(key_steps, num_inference_steps)
+            faster_diffusion.check_key_steps(key_steps, num_inference_steps)
         except ValueError as err:
             message = str(err)
             raise ValueError(message if message.startswith("key_steps") else f"key_steps: {message}") from None

@@ -229,7 +229,9 @@ class FasterDiffusion:
         if found is None:
             run.key_steps = set(range(run.num_steps))
             run.schedule_source = "calibrating: this run is stock and records the encoder features"
-            run.recorder = FeatureRecorder(self.unet).attach()
+            run.recorder = FeatureRecorder(self.unet).attach(record_steps=False)
+            run.recorder.timesteps = [as_float(t) for t in run.timesteps]
+            run.recorder.latent_size = latent_size
             logger.warning(
                 "faster_diffusion: no calibration for %s %d steps at %dx%d latents; this run is stock and calibrates",
                 scheduler, run.num_steps, *latent_size,
@@ -243,7 +245,8 @@ class FasterDiffusion:
         """(calibration, where it came from) for this run, or None."""
         for calibration in self.given_calibrations:
             if calibration.matches(scheduler, timesteps, latent_size):
-                return calibration, "the calibration argument"
+                made = calibration.info.get("source")
+                return calibration, "the calibration argument" + (f" ({made})" if made else "")
         for calibration in self.calibrations:
             if calibration.matches(scheduler, timesteps, latent_size):
                 return calibration, f"a calibration made by an earlier run ({calibration.describe()})"
@@ -255,14 +258,8 @@ class FasterDiffusion:
     def _shipped_calibrations(self) -> list[tuple[Calibration, Path]]:
         """The model directory's calibration/*.json (read once)."""
         if self._model_calibrations is None:
-            self._model_calibrations = []
             model_dir = _model_dir(self.pipe, self.unet)
-            if model_dir is not None:
-                for path in sorted((model_dir / CALIBRATION_DIR).glob("*.json")):
-                    try:
-                        self._model_calibrations.append((Calibration.load(path), path))
-                    except (ValueError, KeyError, OSError) as err:
-                        logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
+            self._model_calibrations = [] if model_dir is None else shipped_calibrations(model_dir)
         return self._model_calibrations
 
     def _finish_calibration(self, run: _Run) -> None:
@@ -423,6 +420,18 @@ def _as_calibrations(calibration) -> list[Calibration]:
             raise TypeError(f"calibration: expected a Calibration or the path of its JSON file, got {type(item).__name__}")
         result.append(item)
     return result
+
+
+def shipped_calibrations(model_dir) -> list[tuple[Calibration, Path]]:
+    """The calibrations a model directory ships in calibration/*.json, with their paths; unreadable
+    files are skipped with a warning."""
+    found = []
+    for path in sorted((Path(model_dir) / CALIBRATION_DIR).glob("*.json")):
+        try:
+            found.append((Calibration.load(path), path))
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
+    return found
 
 
 def _model_dir(pipe, unet) -> Path | None:

@@ -39,7 +39,7 @@ SKETCH_SEED = 0
 RECORDER_HOOK = "faster_diffusion_recorder"
 #: ``key_steps="auto"``: the fewest encoder passes whose mean reuse cost per step is at most this.
 #: Chosen on the bundled model (docs/calibration.md); a model whose features move faster gets more keys.
-DEFAULT_TOLERANCE = 0.02
+DEFAULT_TOLERANCE = 0.025
 FORMAT_VERSION = 1
 
 
@@ -92,10 +92,13 @@ class FeatureRecorder:
         self.latent_size: tuple[int, int] | None = None
         self._indices: list[torch.Tensor | None] = [None] * len(self.modules)
 
-    def attach(self) -> "FeatureRecorder":
+    def attach(self, record_steps: bool = True) -> "FeatureRecorder":
+        """Hooks the encoder modules and, with ``record_steps``, the UNet (to note timesteps and latent size;
+        a caller that already knows them sets ``timesteps`` and ``latent_size`` itself)."""
         for slot, module in enumerate(self.modules):
             add_hook(module, _SketchHook(self, slot), RECORDER_HOOK)
-        add_hook(self.unet, _StepHook(self), RECORDER_HOOK)
+        if record_steps:
+            add_hook(self.unet, _StepHook(self), RECORDER_HOOK)
         return self
 
     def detach(self) -> None:
@@ -184,17 +187,15 @@ class Calibration:
         """The key steps of least reuse cost: exactly ``budget`` encoder passes, or (``tolerance``)
         the fewest passes whose mean reuse cost per step is at most ``tolerance``.
 
-        With neither, ``DEFAULT_TOLERANCE``. A budget with a refined schedule returns that one.
+        With neither, ``DEFAULT_TOLERANCE``. A budget with a refined schedule (``refine``) returns that one.
         """
         n = self.num_steps
         if budget is not None and tolerance is not None:
             raise ValueError("give a budget or a tolerance, not both")
         if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
-                raise ValueError(f"budget={budget!r} must be an integer in [1, {n}] (encoder passes of a {n}-step run)")
             if budget in self.refined:
                 return list(self.refined[budget])
-            return _least_cost_schedules(self.cost, budget)[budget]
+            return self.least_cost_schedule(budget)
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         if not tolerance >= 0:
             raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
@@ -203,6 +204,13 @@ class Calibration:
             if self.reuse_cost(schedules[b]) <= tolerance * n:
                 return schedules[b]
         return list(range(n))
+
+    def least_cost_schedule(self, budget: int) -> list[int]:
+        """The ``budget`` key steps of least reuse cost (ignoring any refinement)."""
+        n = self.num_steps
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
+            raise ValueError(f"budget={budget!r} must be an integer in [1, {n}] (encoder passes of a {n}-step run)")
+        return _least_cost_schedules(self.cost, budget)[budget]
 
     # -- files -----------------------------------------------------------------------------------------------------
 
@@ -350,8 +358,7 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
 
     started = time.perf_counter()
     stock = final_latents(None)
-    calibration.refined.pop(budget, None)
-    keys = initial = calibration.schedule(budget=budget)
+    keys = initial = calibration.least_cost_schedule(budget)
     distance = lambda ks: float((final_latents(ks) - stock).pow(2).mean())  # noqa: E731
     best = start = distance(keys)
     evaluations = 1

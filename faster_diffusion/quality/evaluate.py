@@ -46,8 +46,21 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
     "ddim-uniform2": ("ddim", dict(key_steps="uniform:2", parallel=True, noise_injection=0.003)),
     "ddim-uniform5": ("ddim", dict(key_steps="uniform:5", parallel=True, noise_injection=0.003)),
     "ddim-uniform10": ("ddim", dict(key_steps="uniform:10", parallel=True, noise_injection=0.003)),
+    # calibrated: the model directory's calibration/*.json (script/calibrate, on prompts none of these images
+    # uses); "cost:B" is the least-reuse-cost schedule of B passes without the output-based refinement
+    "ddim-auto": ("ddim", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
+    "ddim-auto-no-ni": ("ddim", dict(key_steps="auto", parallel=True, noise_injection=0.0)),
+    "ddim-auto16": ("ddim", dict(key_steps="auto:16", parallel=True, noise_injection=0.003)),
+    "ddim-auto12": ("ddim", dict(key_steps="auto:12", parallel=True, noise_injection=0.003)),
+    "ddim-auto10": ("ddim", dict(key_steps="auto:10", parallel=True, noise_injection=0.003)),
+    "ddim-cost9": ("ddim", dict(key_steps="cost:9", parallel=True, noise_injection=0.003)),
+    "ddim-auto9": ("ddim", dict(key_steps="auto:9", parallel=True, noise_injection=0.003)),
     "dpm": ("dpm", None),
     "dpm-paper": ("dpm", dict(key_steps="paper", parallel=True, noise_injection=0.003)),
+    "dpm-uniform2": ("dpm", dict(key_steps="uniform:2", parallel=True, noise_injection=0.003)),
+    "dpm-auto": ("dpm", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
+    "dpm-cost7": ("dpm", dict(key_steps="cost:7", parallel=True, noise_injection=0.003)),
+    "dpm-auto7": ("dpm", dict(key_steps="auto:7", parallel=True, noise_injection=0.003)),
 }
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM-Solver++"}
 
@@ -76,6 +89,25 @@ def _scheduler(pipe, sampler: str):
     if sampler == "ddim":
         return DDIMScheduler.from_config(pipe.scheduler.config)
     return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+
+
+def _enable(pipe, kw: dict, num_steps: int):
+    """faster_diffusion.enable, with "cost:B" read as the shipped calibration's unrefined B-pass schedule."""
+    import faster_diffusion
+    from faster_diffusion.accelerator import shipped_calibrations
+
+    kw = dict(kw)
+    if str(kw["key_steps"]).startswith("cost:"):
+        scheduler = type(pipe.scheduler)
+        scheduler_copy = scheduler.from_config(pipe.scheduler.config)
+        scheduler_copy.set_timesteps(num_steps)
+        latent = pipe.unet.config.sample_size
+        matching = [c for c, _ in shipped_calibrations(pipe.name_or_path)
+                    if c.matches(scheduler.__name__, scheduler_copy.timesteps, (latent, latent))]  # fmt: skip
+        if not matching:
+            raise ValueError(f"{kw['key_steps']}: no calibration for {scheduler.__name__}-{num_steps} in {pipe.name_or_path}")
+        kw["key_steps"] = matching[0].least_cost_schedule(int(kw["key_steps"].split(":")[1]))
+    return faster_diffusion.enable(pipe, **kw)
 
 
 def _fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float, int]:
@@ -184,7 +216,7 @@ def evaluate(
                 log(_line(results[-1]) + " (cached)")
                 continue
         pipe.scheduler = _scheduler(pipe, sampler)
-        accel = faster_diffusion.enable(pipe, **kw) if kw is not None else None
+        accel = _enable(pipe, kw, steps[sampler]) if kw is not None else None
         out, stats = [], None
         t0 = time.perf_counter()
         try:
@@ -261,6 +293,7 @@ def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
         "reference": sampler,
         "accelerated": kw is not None,
         "key_steps": None if kw is None else kw["key_steps"],
+        "schedule_source": stats.get("schedule_source"),
         "parallel": None if kw is None else kw["parallel"],
         "noise_injection": None if kw is None else kw["noise_injection"],
         "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
