@@ -268,7 +268,7 @@ class FasterDiffusion:
         if run.step != run.num_steps:  # the loop did not finish: nothing to learn from
             return
         info = run_info(self.pipe, [], run.num_steps, {}, 0.0) if self.pipe is not None else {}
-        info["source"] = "the first run of an accelerator with key_steps='auto' (stock)"
+        info["source"] = "calibrated by a stock first run"
         scheduler = type(self.pipe.scheduler).__name__ if self.pipe is not None else "unknown"
         calibration = recorder.calibration(scheduler, info)
         self.calibrations.append(calibration)

@@ -12,10 +12,11 @@ encoder passes, or the fewest passes whose mean reuse cost per step is at most a
 tolerance. ``refine`` then improves a budget's schedule by a local search on the
 final latents' distance to the stock run's.
 
-Why a random sample of coordinates: the features of SD1.5 at 512² are ~16 MB a
-row per step; ``SKETCH_SIZE`` coordinates a module keep the cost estimate within
-about 1/sqrt(SKETCH_SIZE) of the exact one while the stored sketch stays small
-(``sketch_bytes``).
+Why a random sample of coordinates: the encoder features of SD1.5 at 512² are 6.7 M
+values a row per step; ``SKETCH_SIZE`` coordinates a module (the same ones at every
+step) estimate the relative distances closely (tests/test_calibration.py compares them
+with the exact ones) while the stored sketch stays small: 37.5 MiB for 4 prompts x 50
+steps with guidance at SD1.5 512², whatever the size (``python bench/calibration.py``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class FeatureRecorder:
         self.sketches: list[list[torch.Tensor]] = [[] for _ in self.modules]  # [module][step] -> (rows, D)
         self.timesteps: list[float] = []
         self.latent_size: tuple[int, int] | None = None
-        self._indices: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._indices: list[list[torch.Tensor] | None] = [None] * len(self.modules)  # per module, per output tensor
 
     def attach(self, record_steps: bool = True) -> "FeatureRecorder":
         """Hooks the encoder modules and, with ``record_steps``, the UNet (to note timesteps and latent size;
@@ -106,12 +107,18 @@ class FeatureRecorder:
             remove_hook(module, RECORDER_HOOK)
 
     def _record(self, slot: int, tensors: list[torch.Tensor]) -> None:
-        flat = torch.cat([t.detach().flatten(1) for t in tensors], dim=1)
+        # The same SKETCH_SIZE coordinates of the module's concatenated outputs at every step, gathered
+        # tensor by tensor so that no copy of the whole features is made.
         if self._indices[slot] is None:
+            sizes = [t[0].numel() for t in tensors]
             g = torch.Generator().manual_seed(self.seed + slot)
-            n = flat.shape[1]
-            self._indices[slot] = torch.randperm(n, generator=g)[: self.sketch_size].to(flat.device)
-        self.sketches[slot].append(flat[:, self._indices[slot]].float().cpu())
+            chosen = torch.randperm(sum(sizes), generator=g)[: self.sketch_size].sort().values
+            bounds = torch.tensor([0, *sizes]).cumsum(0)
+            self._indices[slot] = [
+                (chosen[(chosen >= lo) & (chosen < hi)] - lo).to(tensors[0].device) for lo, hi in zip(bounds[:-1], bounds[1:])
+            ]
+        parts = [t.detach().flatten(1)[:, idx] for t, idx in zip(tensors, self._indices[slot])]
+        self.sketches[slot].append(torch.cat(parts, dim=1).float().cpu())
 
     @property
     def num_steps(self) -> int:

@@ -74,3 +74,20 @@ def test_red_square_in_the_center(pipe):
     g = torch.Generator().manual_seed(SEED)
     img2 = pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, generator=g, output_type="np").images[0]
     assert np.array_equal(img, img2)
+
+
+def test_service_defaults_draw_the_readme_prompt(pipe):
+    """The README's first command at its defaults: DDIM-50, guidance 7.5, key_steps="auto" from the shipped
+    calibration, parallel decoders, noise injection 0.003; seeds 0-9 must all draw what the prompt says."""
+    import faster_diffusion
+
+    prompt, seeds = "a blue circle on the left", range(10)
+    accel = faster_diffusion.enable(pipe, key_steps="auto", parallel=True, noise_injection=0.003)
+    try:
+        images = pipe([prompt] * len(seeds), num_inference_steps=50, guidance_scale=7.5, output_type="np",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds]).images  # fmt: skip
+    finally:
+        faster_diffusion.disable(pipe)
+    assert accel.stats["schedule_source"].startswith("auto from file") and accel.stats["encoder_passes"] <= 14
+    read = [shapes.detect(image).attributes for image in images]
+    assert read == [("blue", "circle", "left")] * len(seeds), read

@@ -246,6 +246,24 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
     assert psnr(a, b) > 30, f"PSNR {psnr(a, b):.1f} dB"
 
 
+def test_auto_key_steps_log_their_source(server, model_dir):
+    # the default sampler and steps at the native size: shipped with the bundled model, else calibrated at setup
+    body = ok(server.predict(prompt=PROMPT, seed=5))
+    logs = body["logs"]
+    if (model_dir / "calibration" / "DDIM-50steps-8x8.json").is_file():
+        assert f"schedule_source='auto from file {model_dir / 'calibration' / 'DDIM-50steps-8x8.json'}'" in logs, logs
+    else:
+        assert "schedule_source='auto from the calibration argument (calibrated at setup)'" in logs, logs
+    encoder, decoder = passes(logs)
+    assert decoder == 50 and encoder < 50, logs
+    # a step count nobody calibrated: the first prediction is a stock run that calibrates, the next reuse it
+    first = ok(server.predict(prompt=PROMPT, seed=5, num_inference_steps=7, key_steps="auto:3"))
+    assert "schedule_source='calibrating" in first["logs"] and passes(first["logs"]) == (7, 7), first["logs"]
+    second = ok(server.predict(prompt=PROMPT, seed=5, num_inference_steps=7, key_steps="auto:3"))
+    assert "schedule_source='auto:3 from the calibration argument (calibrated by a stock first run)'" in second["logs"]
+    assert passes(second["logs"]) == (3, 7), second["logs"]
+
+
 def test_img2img_and_inpainting_follow_the_input_image(server, model_dir):
     body = ok(server.predict(prompt=PROMPT, image=data_uri(PICTURE), prompt_strength=0.5, seed=1, **SMALL))
     (image,) = decode_images(body["output"])
@@ -303,6 +321,9 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"key_steps": "uniform:0"}, "key_steps"),
         ({"key_steps": "0,2,1"}, "key_steps"),
         ({"key_steps": "0,1,8", "num_inference_steps": 8}, "key_steps"),  # index >= steps
+        ({"key_steps": "auto:0"}, "key_steps"),
+        ({"key_steps": "auto:x"}, "key_steps"),
+        ({"key_steps": "auto:9", "num_inference_steps": 8}, "key_steps"),  # budget above the step count
         ({"width": 100}, "width"),
         ({"height": 68}, "height"),
         ({"width": 1024, "height": 1024, "num_outputs": 4}, "width x height x num_outputs"),

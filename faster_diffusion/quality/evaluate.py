@@ -91,23 +91,35 @@ def _scheduler(pipe, sampler: str):
     return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
-def _enable(pipe, kw: dict, num_steps: int):
-    """faster_diffusion.enable, with "cost:B" read as the shipped calibration's unrefined B-pass schedule."""
-    import faster_diffusion
+def _shipped_calibration(pipe, num_steps: int):
+    """The model directory's calibration for the pipeline's scheduler at ``num_steps`` (None if none)."""
     from faster_diffusion.accelerator import shipped_calibrations
 
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    latent = pipe.unet.config.sample_size
+    for calibration, _ in shipped_calibrations(pipe.name_or_path):
+        if calibration.matches(type(scheduler).__name__, scheduler.timesteps, (latent, latent)):
+            return calibration
+    return None
+
+
+def _enable(pipe, kw: dict, num_steps: int):
+    """faster_diffusion.enable, with "cost:B" read as the shipped calibration's unrefined B-pass schedule.
+    Returns the accelerator and whether its schedule is a refined one."""
+    import faster_diffusion
+    from faster_diffusion.schedules import auto_budget
+
     kw = dict(kw)
-    if str(kw["key_steps"]).startswith("cost:"):
-        scheduler = type(pipe.scheduler)
-        scheduler_copy = scheduler.from_config(pipe.scheduler.config)
-        scheduler_copy.set_timesteps(num_steps)
-        latent = pipe.unet.config.sample_size
-        matching = [c for c, _ in shipped_calibrations(pipe.name_or_path)
-                    if c.matches(scheduler.__name__, scheduler_copy.timesteps, (latent, latent))]  # fmt: skip
-        if not matching:
-            raise ValueError(f"{kw['key_steps']}: no calibration for {scheduler.__name__}-{num_steps} in {pipe.name_or_path}")
-        kw["key_steps"] = matching[0].least_cost_schedule(int(kw["key_steps"].split(":")[1]))
-    return faster_diffusion.enable(pipe, **kw)
+    spec = str(kw["key_steps"])
+    calibration = _shipped_calibration(pipe, num_steps) if spec.startswith(("cost:", "auto")) else None
+    if spec.startswith("cost:"):
+        if calibration is None:
+            raise ValueError(f"{spec}: no calibration for {type(pipe.scheduler).__name__}-{num_steps} in {pipe.name_or_path}")
+        kw["key_steps"] = calibration.least_cost_schedule(int(spec.split(":")[1]))
+        return faster_diffusion.enable(pipe, **kw), False
+    refined = calibration is not None and spec.startswith("auto:") and auto_budget(spec) in calibration.refined
+    return faster_diffusion.enable(pipe, **kw), refined
 
 
 def _fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float, int]:
@@ -216,7 +228,7 @@ def evaluate(
                 log(_line(results[-1]) + " (cached)")
                 continue
         pipe.scheduler = _scheduler(pipe, sampler)
-        accel = _enable(pipe, kw, steps[sampler]) if kw is not None else None
+        accel, refined = _enable(pipe, kw, steps[sampler]) if kw is not None else (None, False)
         out, stats = [], None
         t0 = time.perf_counter()
         try:
@@ -232,7 +244,7 @@ def evaluate(
                 )
                 out.append(np.asarray(res.images, dtype=np.float32))
                 if accel is not None:
-                    stats = dict(accel.stats)
+                    stats = dict(accel.stats, refined=refined)
         finally:
             if accel is not None:
                 faster_diffusion.disable(pipe)
@@ -294,6 +306,7 @@ def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
         "accelerated": kw is not None,
         "key_steps": None if kw is None else kw["key_steps"],
         "schedule_source": stats.get("schedule_source"),
+        "refined": bool(stats.get("refined")),
         "parallel": None if kw is None else kw["parallel"],
         "noise_injection": None if kw is None else kw["noise_injection"],
         "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
