@@ -129,12 +129,12 @@ class FeatureRecorder:
         n = self.num_steps
         cost = torch.zeros(n, n, dtype=torch.float64)
         for per_step in self.sketches:
-            feats = torch.stack(per_step).double()  # (steps, rows, D)
-            norms = feats.pow(2).sum(-1).clamp_min(1e-12)  # (steps, rows)
-            for i in range(n):
-                dist = (feats[i:] - feats[i]).pow(2).sum(-1)  # (n - i, rows)
-                cost[i, i:] += (dist / norms[i:]).mean(-1)
-        return cost.numpy()
+            feats = torch.stack(per_step, dim=1).double()  # (rows, steps, D)
+            gram = feats @ feats.transpose(1, 2)  # (rows, steps, steps); float64 keeps |a-b|^2 = a.a + b.b - 2a.b exact enough
+            norms = gram.diagonal(dim1=1, dim2=2)  # (rows, steps)
+            dist = (norms[:, :, None] + norms[:, None, :] - 2 * gram).clamp_min(0)
+            cost += (dist / norms[:, None, :].clamp_min(1e-12)).mean(0)
+        return torch.triu(cost).numpy()
 
     def sketch_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for per_step in self.sketches for s in per_step)
@@ -337,8 +337,9 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, **call_kwargs) -> Ca
 
 
 def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, sweeps: int = 3, moves=(-2, -1, 1, 2), **call_kwargs):
-    """Improves ``calibration.schedule(budget)`` by a local search on the outputs, and stores the result
-    in ``calibration.refined[budget]`` (so ``key_steps=f"auto:{budget}"`` uses it).
+    """Improves the least-reuse-cost schedule of ``budget`` passes by a local search on the outputs, and
+    stores the result in ``calibration.refined[budget]`` (so ``key_steps=f"auto:{budget}"`` uses it).
+    An accelerator on ``pipe`` is paused meanwhile.
 
     Starting from the least-reuse-cost schedule, each sweep tries moving every key but step 0 by each
     of ``moves`` and keeps a move when it lowers the mean squared distance of the final latents to
@@ -363,10 +364,39 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
         finally:
             disable(pipe)
 
+    previous = getattr(pipe.unet, "_faster_diffusion", None)  # put back afterwards
     started = time.perf_counter()
+    try:
+        keys, best, start, evaluations, initial = _local_search(calibration, budget, final_latents, sweeps, moves)
+    finally:
+        if previous is not None:
+            previous.enable()
+    calibration.refined[budget] = keys
+    report = {
+        "budget": budget,
+        "initial_key_steps": initial,
+        "key_steps": keys,
+        "latent_mse_before": start,
+        "latent_mse_after": best,
+        "evaluations": evaluations,
+        "seconds": round(time.perf_counter() - started, 1),
+        "prompts": prompts,
+        "seeds": seeds,
+    }
+    calibration.info.setdefault("refinement", {})[str(budget)] = report
+    return keys, report
+
+
+def _local_search(calibration: Calibration, budget: int, final_latents, sweeps: int, moves):
+    """Moves keys while the final latents get closer to the stock run's; returns
+    (keys, distance, starting distance, evaluations, starting keys)."""
+    n = calibration.num_steps
     stock = final_latents(None)
     keys = initial = calibration.least_cost_schedule(budget)
-    distance = lambda ks: float((final_latents(ks) - stock).pow(2).mean())  # noqa: E731
+
+    def distance(candidate):
+        return float((final_latents(candidate) - stock).pow(2).mean())
+
     best = start = distance(keys)
     evaluations = 1
     for _ in range(sweeps):
@@ -382,17 +412,4 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
                     keys, best, improved = candidate, value, True
         if not improved:
             break
-    calibration.refined[budget] = keys
-    report = {
-        "budget": budget,
-        "initial_key_steps": initial,
-        "key_steps": keys,
-        "latent_mse_before": start,
-        "latent_mse_after": best,
-        "evaluations": evaluations,
-        "seconds": round(time.perf_counter() - started, 1),
-        "prompts": prompts,
-        "seeds": seeds,
-    }
-    calibration.info.setdefault("refinement", {})[str(budget)] = report
-    return keys, report
+    return keys, best, start, evaluations, initial

@@ -215,7 +215,9 @@ def test_refine_lowers_the_distance_to_stock_and_serves_auto_b(pipe):
         pipe, prompts, STEPS, height=SIZE, width=SIZE, generator=[torch.Generator().manual_seed(s) for s in (0, 1)]
     )
     start = calibration.least_cost_schedule(3)
+    previous = faster_diffusion.enable(pipe, key_steps="uniform:4")
     keys, report = faster_diffusion.refine(pipe, calibration, 3, prompts, seeds=[0, 1], height=SIZE, width=SIZE)
+    assert pipe.unet._faster_diffusion is previous and previous.key_steps == "uniform:4"  # put back
     assert len(keys) == 3 and keys[0] == 0 and report["initial_key_steps"] == start
     assert report["latent_mse_after"] <= report["latent_mse_before"]
     assert calibration.refined[3] == keys and calibration.least_cost_schedule(3) == start

@@ -46,3 +46,25 @@ def test_tiny_run_writes_report(tmp_path, monkeypatch):
     assert "| setting |" in md and "DDIM-6 stock" in md and "DDIM-6 paper parallel" in md and "| inf |" in md
     assert "per caption position (rows), DDIM-6 stock:" in md and "| caption | left | right | top | bottom | center | none |" in md
     assert "paper parallel:" not in md  # confusion tables for the stock samplers only
+
+
+def test_calibrated_settings_and_frontier(tmp_path, monkeypatch):
+    """auto, auto:9 (refined) and cost:9 read the shipped DDIM-50 calibration; the frontier plots them."""
+    pytest.importorskip("matplotlib")
+    from faster_diffusion import Calibration
+    from faster_diffusion.quality import figures
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "quality"
+    rc = ev.main(["--num-prompts", "1", "--seeds", "1", "--settings", "ddim,ddim-auto,ddim-auto9,ddim-cost9", "--out", str(out)])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "quality.json").read_text())["settings"]}
+    shipped = Calibration.load(ev.DEFAULT_MODEL / "calibration" / "DDIM-50steps-8x8.json")
+    assert rows["ddim-auto"]["stats"]["key_steps"] == shipped.schedule()
+    assert rows["ddim-auto9"]["stats"]["key_steps"] == shipped.refined[9] and rows["ddim-auto9"]["refined"]
+    assert rows["ddim-cost9"]["stats"]["key_steps"] == shipped.least_cost_schedule(9) != shipped.refined[9]
+    assert "from file" in rows["ddim-auto"]["schedule_source"]
+    assert [figures.family(rows[n]) for n in ("ddim", "ddim-auto", "ddim-auto9", "ddim-cost9")] == [
+        None, "auto / auto:B", "auto:B refined", "least reuse cost (no refinement)"]  # fmt: skip
+    path = figures.frontier(json.loads((tmp_path / "quality.json").read_text()), tmp_path / "frontier.png")
+    assert path.stat().st_size > 10_000
