@@ -20,7 +20,6 @@ import os
 import secrets
 import tempfile
 import time
-from pathlib import Path as FilePath
 from typing import Optional
 
 import torch
@@ -30,6 +29,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
 import faster_diffusion
 from faster_diffusion.accelerator import shipped_calibrations
+from faster_diffusion.schedules import is_calibrated
 from service import calibrations
 from service.schedulers import SCHEDULERS, make_scheduler
 from service.weights import load_pipeline, resolve_weights
@@ -66,9 +66,13 @@ class Predictor(BaseRunner):
         self.native_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.size_multiple = math.lcm(8, self.pipe.vae_scale_factor)
         self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
-        base_config = self.pipe.scheduler.config
-        self.schedulers = {name: make_scheduler(name, base_config) for name in SCHEDULERS}
-        self.calibrations = self._calibrate_defaults(resolved.path)
+        self.base_config = self.pipe.scheduler.config
+        self.schedulers = {name: make_scheduler(name, self.base_config) for name in SCHEDULERS}
+        self.shipped = shipped_calibrations(resolved.path)
+        self.calibration_prompts = calibrations.calibration_prompts(resolved.path)
+        self.calibrations = []  # made by this server: at setup for the defaults, then on first use
+        if not self.is_controlnet:  # a ControlNet pipeline needs a control image: its first run calibrates
+            self._calibrate(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.native_size, self.native_size, "at setup")
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         print(
@@ -77,26 +81,25 @@ class Predictor(BaseRunner):
             flush=True,
         )
 
-    def _calibrate_defaults(self, model_dir) -> list:
-        """key_steps="auto" needs a calibration: the model directory may ship them (script/calibrate);
-        if none is for the default sampler and steps at the native size, make it now (one stock run)."""
-        shipped = shipped_calibrations(model_dir)
-        scheduler = self.schedulers[DEFAULT_SCHEDULER]
-        scheduler.set_timesteps(DEFAULT_STEPS)
-        latent = self.native_size // self.pipe.vae_scale_factor
-        if any(c.matches(type(scheduler).__name__, scheduler.timesteps, (latent, latent)) for c, _ in shipped):
-            print(f"setup: {len(shipped)} shipped calibrations in {FilePath(model_dir) / 'calibration'}", flush=True)
-            return []
+    def _calibrate(self, scheduler: str, steps: int, width: int, height: int, when: str) -> None:
+        """key_steps="auto" needs a calibration of the sampler, step count and size. The model directory
+        may ship it (script/calibrate); otherwise it is made here, once, with fixed prompts and seeds
+        (one stock run), so that the same request always gets the same schedule and the same images."""
+        timesteps = make_scheduler(scheduler, self.base_config)
+        timesteps.set_timesteps(steps)
+        name, latent = type(timesteps).__name__, (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+        known = [c for c, _ in self.shipped] + self.calibrations
+        if any(c.matches(name, timesteps.timesteps, latent) for c in known):
+            return
         started = time.perf_counter()
-        prompts = calibrations.calibration_prompts(model_dir)
-        calibration = calibrations.calibrate(self.pipe, DEFAULT_SCHEDULER, DEFAULT_STEPS, self.native_size, self.native_size, prompts)
-        calibration.info["source"] = "calibrated at setup"
+        calibration = calibrations.calibrate(self.pipe, scheduler, steps, height, width, self.calibration_prompts)
+        calibration.info["source"] = f"calibrated {when}"
+        self.calibrations.append(calibration)
         print(
-            f"setup: calibrated key_steps=auto for {DEFAULT_SCHEDULER}-{DEFAULT_STEPS} at {self.native_size}px on "
-            f"{len(prompts)} prompts in {time.perf_counter() - started:.1f}s: {calibration.schedule()}",
+            f"calibrated key_steps=auto for {scheduler}-{steps} at {width}x{height} {when} on "
+            f"{len(self.calibration_prompts)} prompts in {time.perf_counter() - started:.1f}s: auto={calibration.schedule()}",
             flush=True,
         )
-        return [calibration]
 
     def run(
         self,
@@ -152,8 +155,8 @@ class Predictor(BaseRunner):
             "the fewest encoder passes that keep its encoder features close to the stock run's), 'auto:B' "
             "(calibrated, B encoder passes), 'paper' (the paper's schedule, tuned for SD1.5), 'all', 'uniform:K' "
             "(every K-th step), or comma-separated step indices starting at 0, e.g. '0,1,2,3,5,10,15,25,35'. "
-            "A sampler, step count or size without a calibration is calibrated by its first prediction, which "
-            "then runs unaccelerated.",
+            "A sampler, step count or size without a shipped calibration is calibrated once, on first use "
+            "(one extra stock run of fixed prompts).",
             default="auto",
         ),
         parallel: bool = Input(
@@ -182,6 +185,8 @@ class Predictor(BaseRunner):
             seed = secrets.randbelow(2**32)
         generator = torch.Generator("cpu").manual_seed(seed)
         pipe.scheduler = self.schedulers[scheduler]
+        if acceleration == "faster-diffusion" and is_calibrated(key_steps) and not self.is_controlnet:
+            self._calibrate(scheduler, num_inference_steps, width, height, "on first use")  # img2img uses its tail
         accel = None
         if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
             accel = faster_diffusion.enable(

@@ -242,17 +242,20 @@ class FasterDiffusion:
         run.schedule_source = f"{self.key_steps} from {source}"
 
     def _find_calibration(self, scheduler: str, timesteps, latent_size):
-        """(calibration, where it came from) for this run, or None."""
-        for calibration in self.given_calibrations:
+        """(calibration, where it came from) for this run, or None. A calibration of a longer run
+        whose timesteps contain this run's as a contiguous slice serves too (img2img, inpainting)."""
+        candidates = [
+            *((c, "the calibration argument" + (f" ({c.info['source']})" if c.info.get("source") else "")) for c in self.given_calibrations),
+            *((c, f"a calibration made by an earlier run ({c.describe()})") for c in self.calibrations),
+            *((c, f"file {path}") for c, path in self._shipped_calibrations()),
+        ]
+        for calibration, source in candidates:  # exact matches first, then slices, each in order of preference
             if calibration.matches(scheduler, timesteps, latent_size):
-                made = calibration.info.get("source")
-                return calibration, "the calibration argument" + (f" ({made})" if made else "")
-        for calibration in self.calibrations:
-            if calibration.matches(scheduler, timesteps, latent_size):
-                return calibration, f"a calibration made by an earlier run ({calibration.describe()})"
-        for calibration, path in self._shipped_calibrations():
-            if calibration.matches(scheduler, timesteps, latent_size):
-                return calibration, f"file {path}"
+                return calibration, source
+        for calibration, source in candidates:
+            part = calibration.for_run(scheduler, timesteps, latent_size)
+            if part is not None:
+                return part, f"{source}, {part.info['slice_of']}"
         return None
 
     def _shipped_calibrations(self) -> list[tuple[Calibration, Path]]:

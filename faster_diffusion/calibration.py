@@ -169,13 +169,26 @@ class Calibration:
         return f"{self.scheduler} {self.num_steps} steps at {h}x{w} latents"
 
     def matches(self, scheduler, timesteps, latent_size) -> bool:
-        """Whether this calibration is for a run of ``scheduler`` (class name) over ``timesteps`` at ``latent_size``."""
-        return (
-            self.scheduler == scheduler
-            and tuple(self.latent_size) == tuple(latent_size)
-            and len(self.timesteps) == len(timesteps)
-            and all(float(a) == float(b) for a, b in zip(self.timesteps, timesteps))
-        )
+        """Whether this calibration is for exactly a run of ``scheduler`` (class name) over ``timesteps`` at ``latent_size``."""
+        return self.for_run(scheduler, timesteps, latent_size) is self
+
+    def for_run(self, scheduler, timesteps, latent_size) -> "Calibration | None":
+        """This calibration for a run of ``scheduler`` over ``timesteps`` at ``latent_size``: itself, or
+        the part of it for a run whose timesteps are a contiguous slice of its own (img2img's
+        ``strength`` keeps the tail, SDXL's ``denoising_end`` the head); None if it does not apply."""
+        if self.scheduler != scheduler or tuple(self.latent_size) != tuple(latent_size):
+            return None
+        run = [float(t) for t in timesteps]
+        n = len(run)
+        for start in range(self.num_steps - n + 1):
+            if self.timesteps[start : start + n] == run:
+                if n == self.num_steps:
+                    return self
+                return Calibration(
+                    self.cost[start : start + n, start : start + n], run, self.scheduler, self.latent_size,
+                    {**self.info, "slice_of": f"steps {start}-{start + n - 1} of {self.describe()}"},
+                )
+        return None
 
     def reuse_cost(self, key_steps) -> float:
         """Sum over the non-key steps of the cost of reusing the latest key step's features."""

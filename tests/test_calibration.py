@@ -78,6 +78,35 @@ def test_schedule_arguments_are_checked():
         calibration.schedule(tolerance=-1)
 
 
+def test_a_calibration_serves_runs_over_a_slice_of_its_timesteps():
+    calibration = random_calibration(8, 2)
+    t = calibration.timesteps
+    assert calibration.for_run("DDIMScheduler", t, (8, 8)) is calibration
+    tail = calibration.for_run("DDIMScheduler", t[3:], (8, 8))  # img2img with strength: the last steps
+    assert tail.timesteps == t[3:] and np.array_equal(tail.cost, calibration.cost[3:, 3:])
+    assert "steps 3-7 of DDIMScheduler 8 steps" in tail.info["slice_of"]
+    assert calibration.for_run("DDIMScheduler", t[:5], (8, 8)).num_steps == 5  # SDXL's denoising_end: the first steps
+    assert calibration.for_run("DDIMScheduler", [t[0], t[2]], (8, 8)) is None  # not contiguous
+    assert calibration.for_run("DDIMScheduler", t, (16, 16)) is None
+    assert calibration.for_run("EulerDiscreteScheduler", t, (8, 8)) is None
+    assert not calibration.matches("DDIMScheduler", t[3:], (8, 8))
+
+
+def test_img2img_uses_the_slice_of_a_text_to_image_calibration(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    calibration = faster_diffusion.calibrate(pipe, "a red square", STEPS, height=SIZE, width=SIZE)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    accel = faster_diffusion.enable(img2img, key_steps="auto:3", calibration=calibration)
+    img2img("a red square", image=torch.rand(1, 3, SIZE, SIZE), strength=0.5, num_inference_steps=STEPS,
+            output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert accel.stats["steps"] == 6 and accel.stats["encoder_passes"] == 3
+    assert accel.stats["schedule_source"] == f"auto:3 from the calibration argument, steps 6-11 of {calibration.describe()}"
+    assert accel.stats["key_steps"] == calibration.for_run("DDIMScheduler", calibration.timesteps[6:], (16, 16)).schedule(budget=3)
+    faster_diffusion.disable(img2img)
+
+
 def test_json_round_trip(tmp_path):
     calibration = random_calibration(7, 3)
     calibration.refined[3] = [0, 2, 5]
@@ -222,6 +251,7 @@ def test_refine_lowers_the_distance_to_stock_and_serves_auto_b(pipe):
     assert report["latent_mse_after"] <= report["latent_mse_before"]
     assert calibration.refined[3] == keys and calibration.least_cost_schedule(3) == start
     # the reported distance is the real one
+    faster_diffusion.disable(pipe)
     stock = pipe(prompts, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent",
                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
     accel = faster_diffusion.enable(pipe, key_steps="auto:3", calibration=calibration, noise_injection=0)
