@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU-side benchmark in one run, sized for < 7 minutes on one H100/H200,
+# Every GPU-side benchmark in one run, sized for < 8 minutes on one H100/H200,
 # with nothing to download on the machine:
 #   1. environment (GPU, driver, torch, diffusers)
 #   2. speed, eager:   SD1.5 architecture (random weights), 512², fp16, DDIM-50 and
 #                      DPM-Solver++-20, batch 1 and 4; stock / sequential / parallel
-#   3. speed, compiled: the same with torch.compile (per block) + channels_last
-#   4. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
-#   5. summary tables
+#   3. peers (issue #13): faster-diffusion vs DeepCache and ToMe (bench/peers.py), same
+#                      model, 512² fp16 DDIM-50 batch 1, 4 prompts x 2 repeats: speed and
+#                      PSNR / SSIM to stock (no adherence: random weights) -> peers.json/.md
+#   4. speed, compiled: the same as 2 with torch.compile (per block) + channels_last
+#   5. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
+#   6. summary tables (speed and FLOPs)
 # Results (JSON, markdown summary, this log) go to $OUT if set, else bench/results/.
-# Each step has its own timeout and the whole run a budget (BENCH_BUDGET_S, default 390 s);
-# results are written after every configuration, so a step cut short keeps what it measured.
+# Each step has its own timeout and the steps together a budget (BENCH_BUDGET_S, default
+# 450 s; the summary adds at most 30 s); results are written after every configuration
+# (peers: every repeat), so a step cut short keeps what it measured.
 #
-# diffusers is not installed on the GPU machine: if it does not import, the wheels in
-# .whl/ are installed into /tmp/site (pip --no-index --no-deps), see docs/benchmarks.md.
+# diffusers, DeepCache and tomesd are not installed on the GPU machine (no internet there):
+# each that does not import is installed from its wheel in .whl/ into /tmp/site
+# (pip --no-index --no-deps), see docs/benchmarks.md; without a DeepCache or tomesd wheel
+# the peers step skips those rows (noted in peers.json).
 #
 #   bench/gpu.sh               the GPU run
 #   bench/gpu.sh --cpu-smoke   the same steps at toy sizes on CPU (~1 min; tests/test_bench.py)
@@ -34,7 +40,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ "$SMOKE" = 1 ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python
 else PY=python3; fi
 
-BUDGET=${BENCH_BUDGET_S:-390}
+BUDGET=${BENCH_BUDGET_S:-450}
 START=$SECONDS
 FAILED=0
 
@@ -59,15 +65,18 @@ step() {
 
 echo "=== bench/gpu.sh $([ "$SMOKE" = 1 ] && echo '--cpu-smoke') at $(date -u '+%F %T UTC') on $(hostname); results -> $RESULTS"
 
-# diffusers from the carried wheels when the machine lacks it (the smoke run uses this checkout's venv)
-if [ "$SMOKE" = 0 ] && ! "$PY" -c "import diffusers" 2>/dev/null; then
-    if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-        step "install wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site "$ROOT"/.whl/*.whl
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "=== diffusers does not import and there is no .whl/ directory: see docs/benchmarks.md"
-    fi
+# diffusers and the peers from the carried wheels when the machine lacks them (the smoke run uses this checkout's venv)
+WHEELS=()
+[ "$SMOKE" = 1 ] || for pkg in diffusers DeepCache tomesd; do
+    "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$pkg') is None)" 2>/dev/null && continue
+    whl=$(ls "$ROOT"/.whl 2>/dev/null | grep -i "^$pkg-.*\.whl$" | head -n 1)
+    if [ -n "$whl" ]; then WHEELS+=("$ROOT/.whl/$whl")
+    else echo "=== $pkg does not import and .whl/ has no wheel for it: see docs/benchmarks.md"; fi
+done
+if [ "${#WHEELS[@]}" -gt 0 ]; then
+    step "install wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "${WHEELS[@]}"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
@@ -84,17 +93,23 @@ if [ "$SMOKE" = 1 ]; then
     MODES=(--modes stock,sequential,parallel,parallel:2)
     OPT=(--channels-last --samplers ddim:8 --batch 1)  # compiling on CPU takes minutes: smoke checks channels_last only
     FLOPS=(--models toy --resolution 64 --schedules paper --device cpu)
-    T_EAGER=400; T_OPT=400; T_FLOPS=400  # hang guards only: ~10 s each on an idle 2-core machine
+    PEERS=(--device cpu --model toy --steps 10 --num-prompts 2 --repeats 2 --warmup 1 --threads 1)
+    T_EAGER=400; T_OPT=400; T_FLOPS=400; T_PEERS=400  # hang guards only: ~10 s each on an idle 2-core machine
     BUDGET=${BENCH_BUDGET_S:-1500}
 else
     SPEED=(--device cuda --model sd15 --resolution 512 --dtype fp16 --samplers ddim:50,dpmpp:20 --batch 1,4 --repeats 5 --warmup 1)
     MODES=(--modes stock,sequential,parallel,parallel:4)  # parallel:4 = max_parallel 4: the memory/speed trade-off
     OPT=(--compile blocks --compile-dynamic true --channels-last)
     FLOPS=(--models sd15 --schedules paper)
-    T_EAGER=170; T_OPT=240; T_FLOPS=60
+    # 10 methods x (4 prompts x 2 repeats + 1 warm-up) calls of ~1 s (stock) or less, + 2 calls that calibrate
+    # fd:auto's schedule (no shipped calibration for random weights): ~2 min with the start-up
+    PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1)
+    T_EAGER=170; T_OPT=240; T_FLOPS=60; T_PEERS=180
 fi
+PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:paper,fd:uniform:3,fd:auto,fd:auto+tome:0.5
 
 step "speed (eager)" "$T_EAGER" "$PY" bench/speed.py "${SPEED[@]}" "${MODES[@]}" --json "$RESULTS/speed_eager.json"
+step "peers (DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" --out "$RESULTS/peers"
 step "speed (compile + channels_last)" "$T_OPT" "$PY" bench/speed.py "${SPEED[@]}" "${OPT[@]}" --json "$RESULTS/speed_compiled.json"
 step "flops" "$T_FLOPS" "$PY" bench/flops.py "${FLOPS[@]}" --json "$RESULTS/flops.json"
 # the summary reads JSON only (no torch import): outside the budget

@@ -7,6 +7,7 @@ below stock for the paper schedule).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for name in ("speed_eager.json", "speed_compiled.json", "flops.json", "summary.md", "gpu_log.txt"):
+    for name in ("speed_eager.json", "speed_compiled.json", "flops.json", "peers.json", "peers.md", "summary.md", "gpu_log.txt"):
         assert (tmp_path / name).is_file(), name
 
     eager = json.loads((tmp_path / "speed_eager.json").read_text())
@@ -112,3 +113,24 @@ def test_gpu_sh_cpu_smoke(tmp_path):
         assert r["encoder_passes"] == len(faster_diffusion.key_step_indices("paper", r["steps"]))
         assert r["faster_gflops_per_image"] < r["stock_gflops_per_image"]
     assert "speed_eager.json" in (tmp_path / "summary.md").read_text()
+
+    # the peers step (bench/peers.py at toy size); DeepCache / ToMe rows only where they are installed
+    peers = json.loads((tmp_path / "peers.json").read_text())
+    rows = {r["method"]: r for r in peers["methods"]}
+    expected = {"stock", "fd:paper", "fd:uniform:3", "fd:auto"}
+    if importlib.util.find_spec("DeepCache"):
+        expected |= {f"deepcache:{n}" for n in range(2, 6)}
+    if importlib.util.find_spec("tomesd"):
+        expected |= {"tome:0.5", "fd:auto+tome:0.5"}
+    assert set(rows) == expected
+    assert (peers["model"], peers["device"], peers["dtype"], peers["resolution"], peers["steps"]) == ("toy", "cpu", "fp32", 64, 10)
+    assert "partial" not in peers and rows["stock"]["psnr"] == "inf"
+    for r in rows.values():
+        assert len(r["seconds"]) == 4 and r["median_s_per_image"] > 0  # 2 prompts x 2 repeats
+        assert r["adherence"] is None  # random weights: the shapes detector does not apply
+        assert r["calibrating_calls"] == 0  # no timed call ran stock to calibrate
+    # no shipped calibration for the toy model: fd:auto's warm-up calibrated, the timed calls used that calibration
+    assert sorted(peers["calibrated_in_warmup"]) == sorted(m for m in rows if m.startswith("fd:auto"))
+    assert rows["fd:auto"]["stats"]["schedule_source"].startswith("auto from")
+    assert rows["fd:auto"]["stats"]["encoder_passes"] < peers["steps"]
+    assert any(n.startswith("fd:auto: no shipped calibration") for n in peers["notes"])
