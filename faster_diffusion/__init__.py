@@ -14,11 +14,10 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 ``noise_injection * z_T`` to the latent at steps with t below the threshold).
 """
 
-from diffusers import UNet2DConditionModel
-
 from .accelerator import FasterDiffusion
 from .calibration import Calibration, calibrate, refine
 from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
+from .unet_split import SUPPORTED_UNETS
 
 __all__ = [
     "FasterDiffusion", "enable", "disable", "calibrate", "refine", "Calibration",
@@ -35,7 +34,8 @@ def enable(
     noise_injection_timestep: float = 500,
     calibration=None,
 ) -> FasterDiffusion:
-    """Accelerates ``pipe`` (a diffusers pipeline with a UNet2DConditionModel, or the UNet itself).
+    """Accelerates ``pipe`` (a diffusers pipeline whose ``unet`` is a UNet2DConditionModel, UNet3DConditionModel
+    or UNetMotionModel, or the UNet itself).
 
     ``key_steps="auto"`` / ``"auto:B"`` take the schedule from ``calibration`` (a ``Calibration``,
     its JSON path, or a list of them; the first that matches the run's scheduler, timesteps and
@@ -50,7 +50,7 @@ def enable(
 
 def disable(pipe) -> None:
     """Removes the acceleration from ``pipe``; a no-op if it has none."""
-    unet = pipe if isinstance(pipe, UNet2DConditionModel) else getattr(pipe, "unet", None)
+    unet = pipe if isinstance(pipe, SUPPORTED_UNETS) else getattr(pipe, "unet", None)
     accel = getattr(unet, "_faster_diffusion", None)
     if accel is not None:
         accel.disable()

@@ -32,20 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .calibration import Calibration, FeatureRecorder, run_info
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
     ENCODER_HOOK,
-    UNET_SIGNATURE,
+    SUPPORTED_UNETS,
     EncoderCacheHook,
     EncoderMode,
     ModelHook,
     add_hook,
     as_float,
+    bind_unet_call,
     encoder_modules,
+    frames_per_row,
     remove_hook,
     repeat_batch,
 )
@@ -67,6 +67,7 @@ class _Run:
     recorder: FeatureRecorder | None = None  # set when this run calibrates
     step: int = 0  # index of the next UNet call
     precomputed: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
+    output_class: type | None = None  # the UNet's own output class, for the steps answered from `precomputed`
     initial_latent: torch.Tensor | None = None
     scheduler_steps: int = 0
     encoder_passes: int = 0
@@ -88,13 +89,12 @@ class FasterDiffusion:
         noise_injection_timestep: float = 500,
         calibration=None,
     ):
-        self.pipe = None if isinstance(pipe_or_unet, UNet2DConditionModel) else pipe_or_unet
+        self.pipe = None if isinstance(pipe_or_unet, SUPPORTED_UNETS) else pipe_or_unet
         self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
-        if not isinstance(self.unet, UNet2DConditionModel):
+        if not isinstance(self.unet, SUPPORTED_UNETS):
             found = type(pipe_or_unet).__name__ if self.pipe is None else f"{type(self.pipe).__name__}.unet of type {type(self.unet).__name__}"
-            raise TypeError(
-                f"faster_diffusion.enable needs a pipeline with a UNet2DConditionModel `unet` or the UNet itself; got {found}"
-            )
+            names = ", ".join(cls.__name__ for cls in SUPPORTED_UNETS)
+            raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` is one of {names}, or the UNet itself; got {found}")
         self.set_params(key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
@@ -102,7 +102,8 @@ class FasterDiffusion:
         self.stats: dict = {}
         self._run: _Run | None = None
         self._mode = EncoderMode()
-        self._cache_hooks: list[ModelHook] = []  # hooks holding per-run caches
+        self._cache_hooks: list[ModelHook] = []  # ControlNet hooks holding per-run caches
+        self._encoder: list[tuple[torch.nn.Module, ModelHook]] = []  # the hooked encoder modules
         self._controlnets: list[torch.nn.Module] = []
         self._enabled = False
 
@@ -126,10 +127,7 @@ class FasterDiffusion:
     def enable(self) -> "FasterDiffusion":
         if self._enabled:
             return self
-        for module in encoder_modules(self.unet):
-            hook = EncoderCacheHook(self._mode)
-            add_hook(module, hook, ENCODER_HOOK)
-            self._cache_hooks.append(hook)
+        self._hook_encoder()
         add_hook(self.unet, _UNetHook(self), UNET_HOOK)
         controlnet = getattr(self.pipe, "controlnet", None)
         if controlnet is not None:
@@ -149,8 +147,7 @@ class FasterDiffusion:
         if not self._enabled:
             return
         self._end_run()
-        for module in encoder_modules(self.unet):
-            remove_hook(module, ENCODER_HOOK)
+        self._unhook_encoder()
         remove_hook(self.unet, UNET_HOOK)
         for controlnet in self._controlnets:
             remove_hook(controlnet, CONTROLNET_HOOK)
@@ -159,6 +156,22 @@ class FasterDiffusion:
         self.unet.__dict__.pop("_faster_diffusion", None)
         self._cache_hooks, self._controlnets = [], []
         self._enabled = False
+
+    def _hook_encoder(self) -> None:
+        """Hooks the UNet's encoder modules."""
+        modules = encoder_modules(self.unet)
+        if [module for module, _ in self._encoder] == modules:
+            return
+        self._unhook_encoder()
+        for module in modules:
+            hook = EncoderCacheHook(self._mode)
+            add_hook(module, hook, ENCODER_HOOK)
+            self._encoder.append((module, hook))
+
+    def _unhook_encoder(self) -> None:
+        for module, _ in self._encoder:
+            remove_hook(module, ENCODER_HOOK)
+        self._encoder = []
 
     def __enter__(self):
         return self
@@ -233,8 +246,8 @@ class FasterDiffusion:
             run.recorder.timesteps = [as_float(t) for t in run.timesteps]
             run.recorder.latent_size = latent_size
             logger.warning(
-                "faster_diffusion: no calibration for %s %d steps at %dx%d latents; this run is stock and calibrates",
-                scheduler, run.num_steps, *latent_size,
+                "faster_diffusion: no calibration for %s %d steps at %s latents; this run is stock and calibrates",
+                scheduler, run.num_steps, "x".join(map(str, latent_size)),
             )
             return
         calibration, source = found
@@ -283,7 +296,7 @@ class FasterDiffusion:
     def _end_run(self) -> None:
         run, self._run = self._run, None
         self._mode.active = False
-        for hook in self._cache_hooks:
+        for hook in (*self._cache_hooks, *(hook for _, hook in self._encoder)):
             hook.cache = None
         if run is None:
             return
@@ -331,16 +344,13 @@ class FasterDiffusion:
 
     def _unet_forward(self, original_forward, args, kwargs):
         run = self._run
-        bound = UNET_SIGNATURE.bind(None, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        call.pop("self")
+        call = bind_unet_call(self.unet, args, kwargs)
         return_dict = call.pop("return_dict")
         sample, timestep = call["sample"], call["timestep"]
         if run.timesteps is None:
             self._resolve_timesteps(timestep)
         if run.key_steps is None:
-            self._resolve_schedule(tuple(sample.shape[-2:]))
+            self._resolve_schedule(tuple(sample.shape[2:]))  # (height, width), or (frames, height, width)
         i = run.step
         run.step += 1
         if i >= len(run.timesteps):
@@ -349,31 +359,33 @@ class FasterDiffusion:
         if i in run.precomputed:
             t, noise_pred = run.precomputed.pop(i)
             _check_timestep(timestep, t, i)
-            return _output(noise_pred, return_dict)
+            return _output(noise_pred, return_dict, run.output_class)
 
         steps = self._decoder_steps(i)
         rows, group = sample.shape[0], len(steps)
+        frames = frames_per_row(self.unet, sample)
         if group > 1:
             _check_timestep(timestep, run.timesteps[i], i)
-            call = {k: repeat_batch(v, rows, group) for k, v in call.items() if k != "timestep"}
+            call = {k: repeat_batch(v, (rows, rows * frames), group) for k, v in call.items() if k != "timestep"}
             call["timestep"] = torch.stack(
                 [torch.as_tensor(run.timesteps[s]).to(sample.device).expand(rows) for s in steps]
             ).flatten()
 
         is_key = i in run.key_steps
         self._mode.active, self._mode.compute = True, is_key
-        self._mode.rows, self._mode.group_size = rows, group
+        self._mode.rows, self._mode.group_size = rows * frames, group
         try:
-            noise_pred = original_forward(**call, return_dict=False)[0]
+            output = original_forward(**call, return_dict=True)
         finally:
             self._mode.active = False
+        run.output_class, noise_pred = type(output), output.sample
         run.unet_calls += 1
         run.encoder_passes += int(is_key)
         run.decoder_passes += group
         chunks = noise_pred.split(rows)
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
-        return _output(chunks[0], return_dict)
+        return _output(chunks[0], return_dict, run.output_class)
 
 
 class _UNetHook(ModelHook):
@@ -457,8 +469,8 @@ def _check_timestep(timestep, expected, i: int) -> None:
         )
 
 
-def _output(noise_pred, return_dict: bool):
-    return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
+def _output(noise_pred, return_dict: bool, output_class):
+    return output_class(sample=noise_pred) if return_dict else (noise_pred,)
 
 
 def _prev_sample(output):

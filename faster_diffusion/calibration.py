@@ -4,7 +4,8 @@ One stock run records a fixed random sample of every encoder module's output at
 every step (``FeatureRecorder``). From it, ``cost[i, j]`` is what reusing step
 ``i``'s features at step ``j`` costs: the squared L2 distance between the two
 steps' outputs relative to step ``j``'s, averaged over the batch rows and summed
-over the modules (``conv_in``, each down block's skip features, the mid block).
+over the modules (``conv_in``, the 3D UNet's ``transformer_in``, each down block's skip
+features, the mid block).
 A schedule's *reuse cost* is the sum of ``cost[k(j), j]`` over its non-key steps,
 ``k(j)`` being the latest key at or before ``j``. ``Calibration.schedule`` finds
 the key set of least reuse cost by dynamic programming, exactly: for a budget of
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .unet_split import UNET_SIGNATURE, ModelHook, add_hook, as_float, encoder_modules, remove_hook
+from .unet_split import ModelHook, add_hook, as_float, bind_unet_call, encoder_modules, remove_hook
 
 logger = logging.getLogger("faster_diffusion")
 
@@ -74,10 +75,9 @@ class _StepHook(ModelHook):
         self.recorder = recorder
 
     def pre_forward(self, module, *args, **kwargs):
-        bound = UNET_SIGNATURE.bind(None, *args, **kwargs)
-        sample, timestep = bound.arguments["sample"], bound.arguments["timestep"]
-        self.recorder.timesteps.append(as_float(timestep))
-        self.recorder.latent_size = tuple(sample.shape[-2:])
+        call = bind_unet_call(module, args, kwargs)
+        self.recorder.timesteps.append(as_float(call["timestep"]))
+        self.recorder.latent_size = tuple(call["sample"].shape[2:])  # (height, width), or (frames, height, width)
         return args, kwargs
 
 
@@ -90,7 +90,7 @@ class FeatureRecorder:
         self.sketch_size, self.seed = sketch_size, seed
         self.sketches: list[list[torch.Tensor]] = [[] for _ in self.modules]  # [module][step] -> (rows, D)
         self.timesteps: list[float] = []
-        self.latent_size: tuple[int, int] | None = None
+        self.latent_size: tuple[int, ...] | None = None
         self._indices: list[list[torch.Tensor] | None] = [None] * len(self.modules)  # per module, per output tensor
 
     def attach(self, record_steps: bool = True) -> "FeatureRecorder":
@@ -156,7 +156,7 @@ class Calibration:
     cost: np.ndarray  # (steps, steps), upper triangle used
     timesteps: list[float]
     scheduler: str  # scheduler class name
-    latent_size: tuple[int, int]  # (height, width) of the UNet's input
+    latent_size: tuple[int, ...]  # (height, width) of the UNet's input; (frames, height, width) for video
     info: dict = field(default_factory=dict)  # what it was calibrated on: model, prompts, date, ...
     refined: dict[int, list[int]] = field(default_factory=dict)  # budget -> key steps refined on outputs
 
@@ -165,8 +165,7 @@ class Calibration:
         return len(self.timesteps)
 
     def describe(self) -> str:
-        h, w = self.latent_size
-        return f"{self.scheduler} {self.num_steps} steps at {h}x{w} latents"
+        return f"{self.scheduler} {self.num_steps} steps at {'x'.join(map(str, self.latent_size))} latents"
 
     def matches(self, scheduler, timesteps, latent_size) -> bool:
         """Whether this calibration is for exactly a run of ``scheduler`` (class name) over ``timesteps`` at ``latent_size``."""

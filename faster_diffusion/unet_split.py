@@ -2,7 +2,12 @@
 
 The encoder of a ``UNet2DConditionModel`` is ``conv_in`` (its output is the first
 skip connection), every down block and the mid block; the decoder is everything
-after. Rather than rewriting the UNet's forward, each encoder module gets a
+after. The video UNets (``UNet3DConditionModel``, ``UNetMotionModel``) have the
+same layout, plus the 3D UNet's ``transformer_in`` after ``conv_in``; they take
+``(batch, channels, frames, height, width)`` samples and fold the frames into the
+batch, so inside them one step has ``batch x frames`` rows (``frames_per_row``).
+
+Rather than rewriting the UNet's forward, each encoder module gets a
 diffusers ``ModelHook``: at a key step it runs and caches its output, at other
 steps it returns the cache. The stock forward then runs the decoder (time
 embedding, up blocks, output head) on the cached features and the *current*
@@ -16,16 +21,39 @@ the decoder ``group_size`` stacked copies of its output.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
-import inspect
-
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 from diffusers.hooks import HookRegistry, ModelHook
 
 ENCODER_HOOK = "faster_diffusion_encoder"
-UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
+# UNets with the conv_in -> down blocks -> mid block -> up blocks layout (skip connections from
+# every encoder module to the decoder) that the hooks rely on.
+SUPPORTED_UNETS = (UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel)
+# These fold the frames of a (batch, channels, frames, height, width) sample into the batch.
+VIDEO_UNETS = (UNet3DConditionModel, UNetMotionModel)
+
+
+def bind_unet_call(unet, args, kwargs) -> dict:
+    """A UNet call's arguments by name, defaults filled in (the signature of the UNet's own class)."""
+    bound = _signature(type(unet)).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    call = dict(bound.arguments)
+    call.pop("self")
+    return call
+
+
+@functools.cache
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def frames_per_row(unet, sample: torch.Tensor) -> int:
+    """How many rows inside ``unet`` one row of its ``sample`` becomes: the frames for a video UNet, else 1."""
+    return sample.shape[2] if isinstance(unet, VIDEO_UNETS) else 1
 
 
 def as_float(timestep) -> float:
@@ -39,7 +67,7 @@ class EncoderMode:
 
     active: bool = False  # outside a denoising run the hooks pass through
     compute: bool = True  # key step: run and cache; else reuse the cache
-    rows: int = 1  # batch rows of one step (2x the images with classifier-free guidance)
+    rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video)
     group_size: int = 1  # steps whose decoders run in this call
 
 
@@ -56,11 +84,15 @@ def map_tensors(fn, obj):
     return obj
 
 
-def repeat_batch(obj, rows: int, times: int):
-    """Stacks ``times`` copies of every tensor whose batch is ``rows`` (step-major order)."""
+def repeat_batch(obj, rows, times: int):
+    """Stacks ``times`` copies of every tensor whose batch is ``rows`` (step-major order).
+
+    ``rows`` may be a collection of batch sizes: a video pipeline passes the UNet some tensors per
+    video and some per frame (AnimateDiff's prompt embeddings); each is repeated once."""
     if times == 1:
         return obj
-    return map_tensors(lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] == rows else t, obj)
+    sizes = {rows} if isinstance(rows, int) else set(rows)
+    return map_tensors(lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] in sizes else t, obj)
 
 
 def first_rows(obj, rows: int, total: int):
@@ -98,8 +130,13 @@ class EncoderCacheHook(ModelHook):
 
 
 def encoder_modules(unet) -> list[torch.nn.Module]:
-    """conv_in, the down blocks and the mid block of a UNet2DConditionModel."""
-    modules = [unet.conv_in, *unet.down_blocks]
+    """conv_in, the 3D UNet's transformer_in, the down blocks and the mid block, in call order.
+
+    transformer_in is hooked too: its output, not conv_in's, is the 3D UNet's first skip connection."""
+    modules = [unet.conv_in]
+    if getattr(unet, "transformer_in", None) is not None:
+        modules.append(unet.transformer_in)
+    modules.extend(unet.down_blocks)
     if unet.mid_block is not None:
         modules.append(unet.mid_block)
     return modules

@@ -1,0 +1,139 @@
+"""Encoder propagation beyond the SD image UNet: text-to-video (UNet3DConditionModel), AnimateDiff
+(UNetMotionModel), DeepFloyd IF stages I and II (pixel-space UNet2DConditionModel with
+encoder_hid_proj, learned variance, class_labels).
+Tiny random-weights pipelines from tiny_pipelines.py; nothing is downloaded."""
+
+import functools
+
+import pytest
+import torch
+from tiny_pipelines import tiny_animatediff, tiny_if, tiny_if_superresolution, tiny_text_to_video
+
+import faster_diffusion
+from faster_diffusion.unet_split import encoder_modules
+
+STEPS = 8
+VIDEO = {"num_frames": 4, "height": 32, "width": 32, "output_type": "latent"}  # 4 frames of 16x16 latents
+IF_CALL = {"height": 16, "width": 16, "output_type": "pt", "clean_caption": False}
+LOW_RES = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # stage II's input image
+CASES = {
+    "text-to-video": (tiny_text_to_video, VIDEO),
+    "animatediff": (tiny_animatediff, VIDEO),
+    "if": (tiny_if, IF_CALL),
+    "if-superresolution": (tiny_if_superresolution, {**IF_CALL, "image": LOW_RES}),
+}
+# Parallel and sequential decoders round differently (one batched conv against several); the largest
+# gap measured is IF's, about 5e-5 of its [-1, 1] pixel range, after DDPM's dynamic thresholding.
+TOLERANCE = 1e-4
+
+
+def difference(a, b):
+    """Largest absolute difference relative to the outputs' range."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+@functools.cache
+def build(case):
+    return CASES[case][0]()
+
+
+def sample(case, seed=0, **kwargs):
+    make, call = CASES[case]
+    out = build(case)(
+        "a red square in the center", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+        **{**call, **kwargs},
+    )
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def first_layer(module):
+    return next(m for m in module.modules() if not list(m.children()))
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    yield request.param
+    faster_diffusion.disable(build(request.param))
+
+
+def test_pipelines_have_the_intended_unets(case):
+    unet = build(case).unet
+    expected = {"text-to-video": "UNet3DConditionModel", "animatediff": "UNetMotionModel"}.get(case, "UNet2DConditionModel")
+    assert type(unet).__name__ == expected
+    if case == "text-to-video":
+        assert encoder_modules(unet)[1] is unet.transformer_in
+    if case.startswith("if"):
+        assert unet.encoder_hid_proj is not None and unet.config.out_channels == 6  # T5 projection, learned variance
+    if case == "if-superresolution":
+        assert unet.config.class_embed_type == "timestep"  # the noise level arrives as class_labels
+
+
+def test_all_keys_equals_stock(case):
+    stock = sample(case)
+    for parallel in (False, True):
+        accel = faster_diffusion.enable(build(case), key_steps="all", parallel=parallel, noise_injection=0)
+        assert torch.equal(sample(case), stock)
+        assert accel.stats["encoder_passes"] == accel.stats["decoder_passes"] == STEPS
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_sparse_schedule_runs_the_encoder_only_at_key_steps(case, parallel):
+    """Counts real executions: a layer inside every encoder module but the leaf conv_in (a hook on a module
+    itself fires on replayed calls too), and one inside the first up block."""
+    pipe = build(case)
+    modules = {f"encoder.{k}": first_layer(m) for k, m in enumerate(encoder_modules(pipe.unet)[1:])}
+    modules["up"] = first_layer(pipe.unet.up_blocks[0])
+    calls = dict.fromkeys(modules, 0)
+    handles = [m.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1)) for name, m in modules.items()]
+    try:
+        accel = faster_diffusion.enable(pipe, key_steps="uniform:3", parallel=parallel)
+        sample(case)
+    finally:
+        for handle in handles:
+            handle.remove()
+    keys = [0, 3, 6]
+    assert accel.stats["key_steps"] == keys
+    assert (accel.stats["encoder_passes"], accel.stats["decoder_passes"]) == (3, STEPS)
+    assert accel.stats["unet_calls"] == (3 if parallel else STEPS)
+    assert calls == {**dict.fromkeys(modules, 3), "up": 3 if parallel else STEPS}
+
+
+def test_parallel_equals_sequential(case):
+    faster_diffusion.enable(build(case), key_steps=[0, 2, 5], parallel=False, noise_injection=0.003)
+    sequential = sample(case)
+    for max_parallel in (None, 2):
+        accel = faster_diffusion.enable(build(case), key_steps=[0, 2, 5], parallel=True, max_parallel=max_parallel, noise_injection=0.003)
+        assert difference(sample(case), sequential) <= TOLERANCE
+        assert accel.stats["decoder_passes"] == STEPS and accel.stats["encoder_passes"] == 3
+    faster_diffusion.disable(build(case))
+    assert difference(sample(case), sequential) > 1e-3  # the acceleration did change the computation
+
+
+def test_disable_restores_stock_bit_for_bit(case):
+    pipe = build(case)
+    stock = sample(case)
+    attributes = (set(pipe.__dict__), {n: set(m.__dict__) for n, m in pipe.unet.named_modules()})
+    faster_diffusion.enable(pipe, key_steps="uniform:3")
+    assert not torch.equal(sample(case), stock)
+    faster_diffusion.disable(pipe)
+    assert torch.equal(sample(case), stock)
+    assert (set(pipe.__dict__), {n: set(m.__dict__) for n, m in pipe.unet.named_modules()}) == attributes
+
+
+def test_auto_on_text_to_video_calibrates_on_its_first_run():
+    case = "text-to-video"
+    stock = sample(case)
+    accel = faster_diffusion.enable(build(case), key_steps="auto")
+    try:
+        assert torch.equal(sample(case), stock)  # the calibrating run is a stock run
+        assert accel.stats["schedule_source"].startswith("calibrating")
+        (calibration,) = accel.calibrations
+        assert calibration.latent_size == (4, 16, 16) and calibration.num_steps == STEPS  # frames are part of the size
+        sample(case)
+        assert "earlier run" in accel.stats["schedule_source"]
+        assert accel.stats["key_steps"] == calibration.schedule()
+        assert accel.stats["encoder_passes"] == len(calibration.schedule()) and accel.stats["decoder_passes"] == STEPS
+        sample(case, num_frames=2)  # another frame count is another size: it calibrates again
+        assert accel.stats["schedule_source"].startswith("calibrating") and len(accel.calibrations) == 2
+    finally:
+        faster_diffusion.disable(build(case))
