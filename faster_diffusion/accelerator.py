@@ -158,7 +158,8 @@ class FasterDiffusion:
         self._enabled = False
 
     def _hook_encoder(self) -> None:
-        """Hooks the UNet's encoder modules."""
+        """Hooks the UNet's encoder modules. Called by enable() and at every run: a LoRA loaded or
+        unloaded since may have swapped one (peft wraps a targeted conv_in in a new module)."""
         modules = encoder_modules(self.unet)
         if [module for module, _ in self._encoder] == modules:
             return
@@ -191,6 +192,7 @@ class FasterDiffusion:
             raise RuntimeError("faster_diffusion: denoising runs cannot be nested")
         if timesteps is None and self.pipe is None:
             raise ValueError("faster_diffusion: denoising_run(timesteps) needs the loop's timesteps on a bare UNet")
+        self._hook_encoder()
         if timesteps is not None:
             timesteps = list(timesteps)
             num_steps = len(timesteps)

@@ -1,13 +1,14 @@
 """Encoder propagation beyond the SD image UNet: text-to-video (UNet3DConditionModel), AnimateDiff
 (UNetMotionModel), DeepFloyd IF stages I and II (pixel-space UNet2DConditionModel with
-encoder_hid_proj, learned variance, class_labels).
+encoder_hid_proj, learned variance, class_labels), and LoRAs loaded through diffusers/peft.
 Tiny random-weights pipelines from tiny_pipelines.py; nothing is downloaded."""
 
 import functools
+import importlib.util
 
 import pytest
 import torch
-from tiny_pipelines import tiny_animatediff, tiny_if, tiny_if_superresolution, tiny_text_to_video
+from tiny_pipelines import tiny_animatediff, tiny_if, tiny_if_superresolution, tiny_sd, tiny_text_to_video, tiny_unet
 
 import faster_diffusion
 from faster_diffusion.unet_split import encoder_modules
@@ -137,3 +138,147 @@ def test_auto_on_text_to_video_calibrates_on_its_first_run():
         assert accel.stats["schedule_source"].startswith("calibrating") and len(accel.calibrations) == 2
     finally:
         faster_diffusion.disable(build(case))
+
+
+# -- LoRA through diffusers' load_lora_weights (peft) ------------------------------------------------------------------
+
+LORA_SIZE = 32
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="load_lora_weights needs peft")
+
+
+def make_lora(path, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A random LoRA for the tiny SD UNet, saved the way diffusers saves trained ones."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_unet()
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    return make_lora(tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def conv_in_lora(tmp_path_factory):
+    """A LoRA on conv_in too: peft then wraps an encoder module itself in a new module."""
+    return make_lora(tmp_path_factory.mktemp("lora-conv-in"), ("to_q", "conv_in", "conv1"))
+
+
+@pytest.fixture
+def sd():
+    pipe = tiny_sd()
+    yield pipe
+    faster_diffusion.disable(pipe)
+
+
+def run(pipe):
+    return pipe(
+        "a red square in the center", num_inference_steps=STEPS, height=LORA_SIZE, width=LORA_SIZE,
+        generator=torch.Generator().manual_seed(0), output_type="latent",
+    ).images
+
+
+def weights(pipe):
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+def assert_no_hooks(pipe):
+    assert not [name for name, m in pipe.unet.named_modules() if hasattr(m, "_diffusers_hook") or "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("order", ["lora-then-enable", "enable-then-lora"])
+@needs_peft
+def test_lora_all_keys_equals_stock_with_lora(sd, lora, order):
+    stock = run(sd)
+    sd.load_lora_weights(lora)
+    stock_lora = run(sd)
+    assert difference(stock_lora, stock) > 1e-2  # the LoRA matters
+    sd.unload_lora_weights()
+    if order == "lora-then-enable":
+        sd.load_lora_weights(lora)
+        accel = faster_diffusion.enable(sd, key_steps="all", noise_injection=0)
+    else:
+        accel = faster_diffusion.enable(sd, key_steps="all", noise_injection=0)
+        sd.load_lora_weights(lora)
+    assert torch.equal(run(sd), stock_lora)
+    assert accel.stats["encoder_passes"] == STEPS
+
+
+@needs_peft
+def test_lora_load_and_unload_leave_the_base_bit_identical(sd, lora):
+    base, stock = weights(sd), run(sd)
+    faster_diffusion.enable(sd, key_steps="uniform:3")
+    accelerated = run(sd)
+    sd.load_lora_weights(lora, adapter_name="style")
+    with_lora = run(sd)
+    assert difference(with_lora, accelerated) > 1e-2
+    sd.unload_lora_weights()
+    assert torch.equal(run(sd), accelerated)
+    faster_diffusion.disable(sd)
+    assert torch.equal(run(sd), stock)
+    after = weights(sd)
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+    assert_no_hooks(sd)
+    # and the LoRA loaded before enabling gives the same accelerated images as loaded after
+    sd.load_lora_weights(lora, adapter_name="style")
+    faster_diffusion.enable(sd, key_steps="uniform:3")
+    assert torch.equal(run(sd), with_lora)
+
+
+@needs_peft
+def test_lora_wrapping_conv_in_after_enable(sd, conv_in_lora):
+    """peft replaces a targeted conv_in by a wrapper; the accelerator hooks the wrapper at the next run."""
+    stock = run(sd)
+    sd.load_lora_weights(conv_in_lora)
+    assert type(sd.unet.conv_in).__module__.startswith("peft")
+    stock_lora = run(sd)
+    faster_diffusion.enable(sd, key_steps="uniform:3", parallel=False)
+    loaded_first = run(sd)
+    faster_diffusion.disable(sd)
+    sd.unload_lora_weights()
+
+    faster_diffusion.enable(sd, key_steps="uniform:3", parallel=False)
+    run(sd)
+    sd.load_lora_weights(conv_in_lora)
+    assert torch.equal(run(sd), loaded_first)
+    faster_diffusion.enable(sd, key_steps="uniform:3", parallel=True)
+    assert difference(run(sd), loaded_first) <= TOLERANCE
+    faster_diffusion.enable(sd, key_steps="all", noise_injection=0)
+    assert torch.equal(run(sd), stock_lora)
+    sd.unload_lora_weights()
+    faster_diffusion.disable(sd)
+    assert torch.equal(run(sd), stock)
+    assert_no_hooks(sd)
+
+
+@needs_peft
+def test_fused_lora(sd, lora):
+    """fuse_lora merges the LoRA into the weights; unfuse_lora subtracts it again, which peft does in
+    float arithmetic (W + dW - dW), so the base comes back within rounding, the same with or without
+    the accelerator."""
+    base = weights(sd)
+    reference = tiny_sd()  # the same pipeline, fused and unfused without the accelerator
+    for pipe in (sd, reference):
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora()
+    stock_fused = run(reference)
+    accel = faster_diffusion.enable(sd, key_steps="all", noise_injection=0)
+    assert torch.equal(run(sd), stock_fused)
+    accel.set_params(key_steps="uniform:3", parallel=False)
+    sequential = run(sd)
+    accel.set_params(key_steps="uniform:3", parallel=True)
+    assert difference(run(sd), sequential) <= TOLERANCE
+    for pipe in (sd, reference):
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    faster_diffusion.disable(sd)
+    after, unfused = weights(sd), weights(reference)
+    assert all(torch.equal(after[k], unfused[k]) for k in base)
+    assert max((after[k] - base[k]).abs().max().item() for k in base) <= 1e-6
+    assert_no_hooks(sd)
