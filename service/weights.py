@@ -36,6 +36,17 @@ DOWNLOAD_COMMAND = "script/download-weights"
 URL_SCHEMES = ("http", "https", "file")
 
 
+# The pipelines the service serves (text-to-image, with img2img and inpainting derived from it).
+# The library also accelerates video (TextToVideoSD, AnimateDiff) and DeepFloyd IF pipelines;
+# the service does not take them, and says so at setup instead of failing in a prediction.
+SERVED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLControlNetPipeline",
+)
+
+
 class WeightsError(RuntimeError):
     """The weights could not be found, fetched or read; the message says which and where."""
 
@@ -168,6 +179,11 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
 
     path = Path(path)
     index = read_model_index(path)  # a readable error for the commonest corruption
+    if index["_class_name"] not in SERVED_PIPELINES:
+        raise WeightsError(
+            f"weights at {path}: a {index['_class_name']} is not served; the service takes "
+            f"{', '.join(SERVED_PIPELINES)} (faster_diffusion.enable also accelerates video and IF pipelines in Python)"
+        )
     no_safety_checker = (
         {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         if "safety_checker" in index
