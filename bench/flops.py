@@ -53,15 +53,25 @@ def build_meta_unet(config: dict, device: str = "meta"):
     return unet.eval()
 
 
-def unet_inputs(unet, rows: int, resolution: int, device="meta", dtype=None) -> tuple:
-    """(sample, kwargs) for one UNet call on ``rows`` rows at image size ``resolution``."""
+def unet_inputs(unet, rows: int, resolution: int, device="meta", dtype=None, frames=None, vae_scale=8) -> tuple:
+    """(sample, kwargs) for one UNet call on ``rows`` rows at image size ``resolution``.
+
+    Video UNets (3D, motion): ``frames`` gives a (rows, C, frames, H, W) sample. Pixel-space UNets
+    (DeepFloyd IF): ``vae_scale=1``; the text states have ``encoder_hid_dim`` features when the UNet
+    projects them (IF's T5), and stage II's noise level arrives as ``class_labels``."""
     import torch
 
     cfg = unet.config
-    latent = resolution // 8
-    sample = torch.randn(rows, cfg.in_channels, latent, latent, device=device, dtype=dtype)
-    kwargs = {"encoder_hidden_states": torch.randn(rows, common.TEXT_TOKENS, cfg.cross_attention_dim, device=device, dtype=dtype)}
-    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 micro-conditioning ids
+    latent = resolution // vae_scale
+    shape = (rows, cfg.in_channels, latent, latent) if frames is None else (rows, cfg.in_channels, frames, latent, latent)
+    sample = torch.randn(*shape, device=device, dtype=dtype)
+    text_dim = getattr(cfg, "encoder_hid_dim", None) or cfg.cross_attention_dim
+    # AnimateDiff's pipeline repeats the text states per frame (UNetMotionModel does not); the 3D UNet repeats them itself
+    text_rows = rows * frames if frames and type(unet).__name__ == "UNetMotionModel" else rows
+    kwargs = {"encoder_hidden_states": torch.randn(text_rows, common.TEXT_TOKENS, text_dim, device=device, dtype=dtype)}
+    if getattr(cfg, "class_embed_type", None) == "timestep":  # IF stage II: the upscaled image's noise level
+        kwargs["class_labels"] = torch.randint(0, 1000, (rows,), device=device)
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text embedding + 6 micro-conditioning ids
         text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(rows, text_dim, device=device, dtype=dtype),
@@ -75,24 +85,27 @@ def _split(flop_counts: dict) -> dict:
     parts = {"encoder_ops": {}, "decoder_ops": {}}
     top = {}
     for name, ops in flop_counts.items():
-        m = re.fullmatch(r"UNet2DConditionModel\.(conv_in|down_blocks\.\d+|mid_block|[a-z_]+|up_blocks\.\d+)", name)
+        # the UNet's class name (UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel), then a direct child
+        m = re.fullmatch(r"UNet\w*Model\.(conv_in|down_blocks\.\d+|mid_block|[a-z_]+|up_blocks\.\d+)", name)
         if m:
             top[m.group(1)] = {str(op).split(".")[-1]: int(v) for op, v in ops.items()}
     for name, ops in top.items():
         if name in ("down_blocks", "up_blocks"):
             continue  # the ModuleList; its children are listed one by one
-        part = "encoder_ops" if name == "conv_in" or name.startswith("down_blocks.") or name == "mid_block" else "decoder_ops"
+        encoder = name in ("conv_in", "transformer_in", "mid_block") or name.startswith("down_blocks.")  # as unet_split.encoder_modules
+        part = "encoder_ops" if encoder else "decoder_ops"
         for op, v in ops.items():
             parts[part][op] = parts[part].get(op, 0) + v
     parts["modules"] = {k: sum(v.values()) for k, v in top.items() if k not in ("down_blocks", "up_blocks")}
     return parts
 
 
-def count_stock_forward(unet, rows: int, resolution: int) -> dict:
+def count_stock_forward(unet, rows: int, resolution: int, **input_kw) -> dict:
+    """``input_kw``: unet_inputs' frames / vae_scale, for video and pixel-space UNets."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device)
+    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device, **input_kw)
     counter = FlopCounterMode(display=False, depth=None)
     with torch.no_grad(), counter:
         unet(sample, 999, **kwargs)
@@ -104,12 +117,12 @@ def count_stock_forward(unet, rows: int, resolution: int) -> dict:
     return {"total": total, "encoder": enc, "decoder": dec, **parts}
 
 
-def count_run(unet, rows: int, resolution: int, timesteps: list, mode: str, key_steps) -> dict:
-    """FLOPs of a whole sampling loop through the engine, and the engine's stats."""
+def count_run(unet, rows: int, resolution: int, timesteps: list, mode: str, key_steps, **input_kw) -> dict:
+    """FLOPs of a whole sampling loop through the engine, and the engine's stats (``input_kw``: as count_stock_forward)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device)
+    sample, kwargs = unet_inputs(unet, rows, resolution, device=unet.device, **input_kw)
     accel = common.accelerate(unet, mode, key_steps=key_steps)
     counter = FlopCounterMode(display=False, depth=None)
     try:
