@@ -31,6 +31,7 @@ import faster_diffusion
 from faster_diffusion.accelerator import shipped_calibrations
 from faster_diffusion.schedules import is_calibrated
 from service import calibrations
+from service.lora import resolve_lora
 from service.schedulers import SCHEDULERS, make_scheduler
 from service.weights import load_pipeline, resolve_weights
 
@@ -43,6 +44,7 @@ PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
 # Largest width x height x num_outputs one request may ask for (four 768x768
 # images); FASTER_DIFFUSION_MAX_PIXELS overrides it for bigger or smaller cards.
 DEFAULT_MAX_PIXELS = 4 * 768 * 768
+LORA_ADAPTER = "request_lora"  # the adapter name of a prediction's lora_weights, unloaded after it
 
 
 class Predictor(BaseRunner):
@@ -170,6 +172,14 @@ class Predictor(BaseRunner):
             ge=0,
             le=0.1,
         ),
+        lora_weights: str = Input(
+            description="A LoRA to apply to this prediction only: a URL (http, https, file) or a local path of a "
+            ".safetensors file in diffusers or kohya format. Each URL is downloaded once and cached. Empty: no LoRA.",
+            default="",
+        ),
+        lora_scale: float = Input(
+            description="Strength of `lora_weights` (0 turns it off, 1 as trained).", default=1.0, ge=0, le=2
+        ),
         seed: Optional[int] = Input(
             description="Random seed. Leave unset for a random one (logged).", default=None, ge=0, le=2**32 - 1
         ),
@@ -180,6 +190,7 @@ class Predictor(BaseRunner):
             image, mask, prompt_strength, width, height, num_inference_steps
         )
         self._check(width, height, num_outputs, loop_steps, acceleration, key_steps)
+        lora_file = resolve_lora(lora_weights) if lora_weights else None  # fails here, naming lora_weights
 
         if seed is None:
             seed = secrets.randbelow(2**32)
@@ -187,40 +198,50 @@ class Predictor(BaseRunner):
         pipe.scheduler = self.schedulers[scheduler]
         if acceleration == "faster-diffusion" and is_calibrated(key_steps) and not self.is_controlnet:
             self._calibrate(scheduler, num_inference_steps, width, height, "on first use")  # img2img uses its tail
-        accel = None
-        if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
-            accel = faster_diffusion.enable(
-                pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection, calibration=self.calibrations
-            )
-        else:
-            faster_diffusion.disable(pipe)
-        print(
-            f"seed={seed} mode={mode} scheduler={scheduler} "
-            f"size={width}x{height} num_outputs={num_outputs} "
-            f"steps={num_inference_steps} guidance_scale={guidance_scale} acceleration={acceleration}",
-            flush=True,
-        )
-
-        counter = _EncoderCounter(pipe.unet) if accel is None else None
-        started = time.perf_counter()
+        # A LoRA is loaded after any calibration (calibrations describe the base model) and unloaded after
+        # the prediction, whatever happens: the shared UNet and text encoder go back to the base weights.
+        self._load_lora(lora_file, lora_weights, lora_scale)
         try:
-            images = pipe(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                **pipe_arguments,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                num_images_per_prompt=num_outputs,
-                generator=generator,
-            ).images
+            accel = None
+            if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
+                accel = faster_diffusion.enable(
+                    pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection, calibration=self.calibrations
+                )
+            else:
+                faster_diffusion.disable(pipe)
+            print(
+                f"seed={seed} mode={mode} scheduler={scheduler} "
+                f"size={width}x{height} num_outputs={num_outputs} "
+                f"steps={num_inference_steps} guidance_scale={guidance_scale} acceleration={acceleration}",
+                flush=True,
+            )
+            if lora_file is not None:
+                print(f"lora_weights={lora_weights!r} lora_scale={lora_scale} (file {lora_file})", flush=True)
+
+            counter = _EncoderCounter(pipe.unet) if accel is None else None
+            started = time.perf_counter()
+            try:
+                images = pipe(
+                    prompt,
+                    negative_prompt=negative_prompt or None,
+                    **pipe_arguments,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_outputs,
+                    generator=generator,
+                ).images
+            finally:
+                if counter is not None:
+                    counter.remove()
+            elapsed = time.perf_counter() - started
         finally:
-            if counter is not None:
-                counter.remove()
-        elapsed = time.perf_counter() - started
+            if lora_file is not None:
+                self.pipe.unload_lora_weights()
 
         if accel is not None:
             stats = accel.stats
-            self.calibrations += accel.calibrations  # a calibration this run made serves the next ones
+            if lora_file is None:  # a calibration this run made serves the next ones (not one made with a LoRA)
+                self.calibrations += accel.calibrations
             print(
                 f"key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
                 f"schedule_source={stats['schedule_source']!r} "
@@ -244,6 +265,20 @@ class Predictor(BaseRunner):
             image.save(path, PIL_FORMAT[output_format], **SAVE_OPTIONS[output_format])
             paths.append(Path(path))
         return paths
+
+    def _load_lora(self, lora_file, source: str, scale: float) -> None:
+        """Loads ``lora_file`` into the shared UNet and text encoder at ``scale`` (no-op for None); a file
+        diffusers cannot apply fails the prediction, naming lora_weights, with nothing left loaded."""
+        if lora_file is None:
+            return
+        try:
+            self.pipe.load_lora_weights(str(lora_file), adapter_name=LORA_ADAPTER)
+            self.pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
+        except Exception as err:
+            self.pipe.unload_lora_weights()
+            raise ValueError(
+                f"lora_weights: {source!r}: not a LoRA this {type(self.pipe).__name__} can load ({type(err).__name__}: {err})"
+            ) from None
 
     def _pick_pipeline(self, image, mask, prompt_strength, width, height, num_inference_steps):
         """(mode, pipeline, its image/size arguments, width, height, steps the loop runs) for a request."""

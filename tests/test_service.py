@@ -58,6 +58,8 @@ class Server:
             COG_PREDICT_TYPE_STUB="predict.py:Predictor",
             PORT=str(self.port),
             COG_WEIGHTS=str(weights),
+            # its own download cache: a lora_weights URL cached by an earlier run would shadow today's file
+            FASTER_DIFFUSION_CACHE=str(log_path.parent / "cache"),
             # One intra-op thread: on a 2-core machine shared with other jobs torch's thread pool
             # oversubscribes and a 0.5 s prediction takes a minute.
             OMP_NUM_THREADS="1",
@@ -312,6 +314,9 @@ def test_img2img_and_inpainting_follow_the_input_image(server, model_dir):
         ({"prompt": PROMPT, "acceleration": "turbo"}, "acceleration"),
         ({"prompt": PROMPT, "output_format": "gif"}, "output_format"),
         ({"prompt": PROMPT, "prompt_strength": 1.5}, "prompt_strength"),
+        ({"prompt": PROMPT, "lora_scale": 2.5}, "lora_scale"),
+        ({"prompt": PROMPT, "lora_scale": -0.1}, "lora_scale"),
+        ({"prompt": PROMPT, "lora_weights": 3}, "lora_weights"),
         ({"negative_prompt": "blurry"}, "prompt"),  # missing prompt
     ],
 )
@@ -341,6 +346,10 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"image": data_uri(PICTURE), "mask": data_uri(LEFT_HALF.resize((64, 64)))}, "mask"),  # mismatched sizes
         ({"image": data_uri(PICTURE), "prompt_strength": 0.1}, "prompt_strength"),  # no step left
         ({"image": data_uri(PICTURE), "key_steps": "0,1,6"}, "key_steps"),  # only int(8 x 0.8) = 6 steps run
+        ({"lora_weights": str(ROOT / "no-such-lora.safetensors")}, "lora_weights"),  # missing file
+        ({"lora_weights": (ROOT / "no-such-lora.safetensors").as_uri()}, "lora_weights"),  # missing file:// URL
+        ({"lora_weights": str(ROOT / "README.md")}, "lora_weights"),  # not a safetensors file
+        ({"lora_weights": "http://127.0.0.1:9/lora.safetensors"}, "lora_weights"),  # the download fails
     ],
 )
 def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, field):
@@ -352,6 +361,105 @@ def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, 
     assert field in body["error"], body["error"]
     assert time.monotonic() - started < 10, "validation must happen before sampling"
     ok(server.predict(prompt=PROMPT, num_inference_steps=2))  # the server keeps serving
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: lora_weights / lora_scale
+
+LORA_FILE = ROOT / "weights" / "tiny-shapes-orange-lora" / "pytorch_lora_weights.safetensors"
+ORANGE = {"orange": (245, 130, 20)}  # script/train-lora's colour
+ORANGE_PROMPT = "an orange square on the left"  # orange for every seed tried; "on the left" circles often come out yellow
+
+
+@pytest.fixture(scope="session")
+def lora_file(model_dir, tmp_path_factory) -> Path:
+    """The committed orange LoRA for the bundled model; for another model a random LoRA that fits it."""
+    if model_dir == BUNDLED:
+        assert LORA_FILE.is_file(), "weights/tiny-shapes-orange-lora is missing: run `make lora`"
+        return LORA_FILE
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("random-lora")
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def colours(body: dict) -> list[str | None]:
+    from faster_diffusion.quality.shapes import detect
+
+    return [detect(image, extra_colours=ORANGE).colour for image in decode_images(body["output"])]
+
+
+@pytest.mark.parametrize("as_url", [True, False], ids=["file-url", "path"])
+def test_lora_draws_orange(server, model_dir, lora_file, as_url):
+    source = lora_file.as_uri() if as_url else str(lora_file)
+    inputs = dict(prompt=ORANGE_PROMPT, seed=3, num_outputs=2)  # 50 DDIM steps, key_steps="auto": the defaults
+    with_lora = ok(server.predict(lora_weights=source, **inputs))
+    assert f"lora_weights={source!r} lora_scale=1.0" in with_lora["logs"], with_lora["logs"]
+    encoder, decoder = passes(with_lora["logs"])
+    assert decoder == 50 and encoder < 50, with_lora["logs"]  # accelerated
+    without = ok(server.predict(**inputs))
+    assert "lora_weights=" not in without["logs"]
+    if model_dir == BUNDLED:  # the random-weights fallback has no orange to draw
+        assert colours(with_lora) == ["orange", "orange"], with_lora["logs"]
+        assert "orange" not in colours(without)  # the base model does not know the word
+    else:
+        assert not np.array_equal(np.asarray(decode_images(with_lora["output"])[0]), np.asarray(decode_images(without["output"])[0]))
+
+
+def test_lora_does_not_leak_into_the_next_prediction(server, lora_file):
+    def images(body):
+        return [np.asarray(image) for image in decode_images(body["output"])]
+
+    for acceleration in ("faster-diffusion", "none"):
+        inputs = dict(prompt=PROMPT, seed=21, acceleration=acceleration, **SMALL)
+        fresh = images(ok(server.predict(**inputs)))
+        with_lora = images(ok(server.predict(lora_weights=str(lora_file), lora_scale=1.5, **inputs)))
+        assert not np.array_equal(with_lora[0], fresh[0])
+        after = images(ok(server.predict(**inputs)))
+        assert np.array_equal(after[0], fresh[0]), "the LoRA leaked into the next prediction"
+    # img2img shares the UNet and text encoder: it gets the LoRA too, and loses it after
+    inputs = dict(prompt=PROMPT, image=data_uri(PICTURE), seed=21, **SMALL)
+    fresh = images(ok(server.predict(**inputs)))
+    assert not np.array_equal(images(ok(server.predict(lora_weights=str(lora_file), **inputs)))[0], fresh[0])
+    assert np.array_equal(images(ok(server.predict(**inputs)))[0], fresh[0])
+
+
+def test_a_safetensors_file_that_is_not_a_lora_fails_and_leaves_the_model_alone(server, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "not-a-lora.safetensors"
+    save_file({"some.weight": torch.ones(3, 3)}, str(path))
+    inputs = dict(prompt=PROMPT, seed=22, **SMALL)
+    fresh = decode_images(ok(server.predict(**inputs))["output"])[0]
+    started = time.monotonic()
+    body = server.predict(lora_weights=str(path), **inputs).json()
+    assert body["status"] == "failed" and "lora_weights" in body["error"], body
+    assert time.monotonic() - started < 10, "validation must happen before sampling"
+    after = decode_images(ok(server.predict(**inputs))["output"])[0]
+    assert np.array_equal(np.asarray(after), np.asarray(fresh))
+
+
+def test_lora_urls_are_downloaded_once(lora_file, tmp_path):
+    import shutil
+
+    from service.lora import resolve_lora
+
+    source = tmp_path / "served.safetensors"
+    shutil.copy(lora_file, source)
+    first = resolve_lora(source.as_uri(), dest_root=tmp_path / "cache")
+    assert first.read_bytes() == lora_file.read_bytes() and tmp_path / "cache" in first.parents
+    source.unlink()  # the cached copy serves the next prediction
+    assert resolve_lora(source.as_uri(), dest_root=tmp_path / "cache") == first
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="lora_weights.*not a safetensors file"):
+        resolve_lora((tmp_path / "bad.safetensors").as_uri(), dest_root=tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "lora").iterdir()) == [first.name]  # a bad download is not kept
 
 
 def test_second_request_during_a_running_one_gets_409(server):

@@ -140,14 +140,17 @@ def render(
     rng: np.random.Generator | int | None = None,
     size: int = IMAGE_SIZE,
     jitter: bool = True,
+    extra_colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """Render one shape; returns a ``(size, size, 3)`` uint8 array.
 
     With ``jitter`` the side length, the exact offset and the colour vary a little,
     drawn from ``rng`` (a ``numpy.random.Generator`` or a seed); the result is a pure
-    function of the arguments and the generator state.
+    function of the arguments and the generator state. ``extra_colours`` (name -> RGB)
+    adds colours outside the palette, e.g. for a LoRA teaching one (script/train-lora).
     """
-    if colour not in COLOURS or position not in ANCHORS:
+    palette = {**COLOURS, **(extra_colours or {})}
+    if colour not in palette or position not in ANCHORS:
         raise ValueError(f"unknown attributes {(colour, shape, position)!r}")
     rng = np.random.default_rng(rng)
     scale = size / IMAGE_SIZE
@@ -155,11 +158,11 @@ def render(
     if jitter:
         side = rng.uniform(*SIZE_RANGE)
         dx, dy = rng.uniform(-OFFSET_JITTER, OFFSET_JITTER, size=2)
-        col = np.clip(np.array(COLOURS[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255)
+        col = np.clip(np.array(palette[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255)
     else:
         side = sum(SIZE_RANGE) / 2
         dx = dy = 0.0
-        col = np.array(COLOURS[colour])
+        col = np.array(palette[colour])
     cx, cy = (ax + 0.5 + dx) * scale - 0.5, (ay + 0.5 + dy) * scale - 0.5
     cov = _shape_mask(shape, cx, cy, side * scale, size, ss=4)[..., None]
     bg = np.array(BACKGROUND, dtype=np.float32)
@@ -221,8 +224,12 @@ class Detection:
         return Attributes(self.colour, self.shape, self.position)
 
 
-def detect(image, threshold: float = 80.0, min_area: int = 20) -> Detection:
-    """Read colour, shape and position from an RGB image (uint8, float [0,1] or PIL)."""
+def detect(
+    image, threshold: float = 80.0, min_area: int = 20, extra_colours: dict[str, tuple[int, int, int]] | None = None
+) -> Detection:
+    """Read colour, shape and position from an RGB image (uint8, float [0,1] or PIL).
+
+    The colour is the nearest of ``COLOURS`` plus ``extra_colours`` (name -> RGB), if given."""
     from scipy import ndimage  # scipy ships with scikit-image
 
     a = _to_uint8_rgb(image).astype(np.float64)
@@ -247,8 +254,9 @@ def detect(image, threshold: float = 80.0, min_area: int = 20) -> Detection:
     if core.sum() < 5:
         core = fg
     mean = a[core].mean(axis=0)
-    names = list(COLOURS)
-    pal = np.array([COLOURS[n] for n in names], dtype=np.float64)
+    palette = {**COLOURS, **(extra_colours or {})}
+    names = list(palette)
+    pal = np.array([palette[n] for n in names], dtype=np.float64)
     colour = names[int(np.argmin(((pal - mean) ** 2).sum(-1)))]
 
     # shape: best IoU against templates fitted to the bounding box
