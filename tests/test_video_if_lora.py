@@ -282,3 +282,46 @@ def test_fused_lora(sd, lora):
     assert all(torch.equal(after[k], unfused[k]) for k in base)
     assert max((after[k] - base[k]).abs().max().item() for k in base) <= 1e-6
     assert_no_hooks(sd)
+
+
+@needs_peft
+def test_kohya_format_lora_loads_like_the_diffusers_one(sd, lora, tmp_path):
+    """The same LoRA saved in kohya's key format (what most LoRA files on the web use) gives the same images."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    kohya = convert_state_dict_to_kohya(load_file(str(lora / "pytorch_lora_weights.safetensors")))
+    assert all(key.startswith("lora_unet_") for key in kohya)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    faster_diffusion.enable(sd, key_steps="uniform:3", noise_injection=0)
+    sd.load_lora_weights(lora)
+    with_diffusers_file = run(sd)
+    sd.unload_lora_weights()
+    sd.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    assert difference(run(sd), with_diffusers_file) <= 1e-6
+    sd.unload_lora_weights()
+
+
+def test_textual_inversion_embedding_under_the_accelerator(sd):
+    """A textual-inversion token only changes the prompt embeddings: all keys equal stock with the token,
+    and a sparse schedule uses it (the images differ from the prompt without it)."""
+    stock = run(sd)
+    hidden = sd.text_encoder.get_input_embeddings().weight.shape[1]
+    embedding = torch.randn(hidden, generator=torch.Generator().manual_seed(5)) * 3
+    sd.load_textual_inversion({"<shape-style>": embedding}, token="<shape-style>")
+
+    def run_with_token():
+        return sd("a red square in the center <shape-style>", num_inference_steps=STEPS, height=LORA_SIZE,
+                  width=LORA_SIZE, generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+
+    stock_token = run_with_token()
+    assert difference(stock_token, stock) > 1e-3  # the token matters
+    faster_diffusion.enable(sd, key_steps="all", noise_injection=0)
+    assert torch.equal(run_with_token(), stock_token)
+    faster_diffusion.enable(sd, key_steps="uniform:3", noise_injection=0, parallel=False)
+    sequential = run_with_token()
+    faster_diffusion.enable(sd, key_steps="uniform:3", noise_injection=0, parallel=True)
+    assert difference(run_with_token(), sequential) <= TOLERANCE
+    sd.unload_textual_inversion()
+    faster_diffusion.disable(sd)
+    assert torch.equal(run(sd), stock)
