@@ -70,7 +70,7 @@ class Predictor(BaseRunner):
         self.max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         self.base_config = self.pipe.scheduler.config
         self.schedulers = {name: make_scheduler(name, self.base_config) for name in SCHEDULERS}
-        self.shipped = shipped_calibrations(resolved.path)
+        self.shipped = shipped_calibrations(resolved.path)  # read once; handed to every accelerator
         self.calibration_prompts = calibrations.calibration_prompts(resolved.path)
         self.calibrations = []  # made by this server: at setup for the defaults, then on first use
         if not self.is_controlnet:  # a ControlNet pipeline needs a control image: its first run calibrates
@@ -90,8 +90,7 @@ class Predictor(BaseRunner):
         timesteps = make_scheduler(scheduler, self.base_config)
         timesteps.set_timesteps(steps)
         name, latent = type(timesteps).__name__, (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-        known = [c for c, _ in self.shipped] + self.calibrations
-        if any(c.matches(name, timesteps.timesteps, latent) for c in known):
+        if any(c.matches(name, timesteps.timesteps, latent) for c in self.shipped + self.calibrations):
             return
         started = time.perf_counter()
         calibration = calibrations.calibrate(self.pipe, scheduler, steps, height, width, self.calibration_prompts)
@@ -205,7 +204,8 @@ class Predictor(BaseRunner):
             accel = None
             if acceleration == "faster-diffusion":  # the pipelines share one UNet: enabling one disables the others
                 accel = faster_diffusion.enable(
-                    pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection, calibration=self.calibrations
+                    pipe, key_steps=key_steps, parallel=parallel, noise_injection=noise_injection,
+                    calibration=self.shipped + self.calibrations,
                 )
             else:
                 faster_diffusion.disable(pipe)

@@ -59,14 +59,16 @@ def timing(repeats: int, threads: int) -> str:
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts = calibration_prompts(model)
-    kwargs = dict(num_inference_steps=50, guidance_scale=7.5, output_type="latent")
+    kwargs = dict(guidance_scale=7.5, output_type="latent")  # the same call in both; calibrate's default is 50 steps
+
+    def generators():
+        return [torch.Generator().manual_seed(k) for k in range(len(prompts))]
 
     def stock():
-        pipe(prompts, generator=[torch.Generator().manual_seed(k) for k in range(len(prompts))], **kwargs)
+        pipe(prompts, num_inference_steps=50, generator=generators(), **kwargs)
 
     def calibrate():
-        faster_diffusion.calibrate(pipe, prompts, generator=[torch.Generator().manual_seed(k) for k in range(len(prompts))],
-                                   **{k: v for k, v in kwargs.items() if k != "num_inference_steps"})  # fmt: skip
+        faster_diffusion.calibrate(pipe, prompts, 50, generator=generators(), **kwargs)
 
     times = {"stock": [], "calibrate": []}
     stock()  # warm-up

@@ -18,7 +18,6 @@ Stock = 50 x one forward; faster-diffusion = the whole loop through the engine i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

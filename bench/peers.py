@@ -465,26 +465,11 @@ def calibrating_notes(result: dict) -> list[str]:
                     for r in result["methods"] if r["calibrating_calls"]]
 
 
-def fidelity(reference, images) -> tuple[float, float | None, int]:
-    """Mean PSNR, mean SSIM and identical images as ``faster_diffusion.quality.evaluate``; SSIM None without
-    scikit-image (the GPU machine may lack it)."""
-    import importlib.util
-
-    import numpy as np
-
-    from faster_diffusion.quality.evaluate import _fidelity
-
-    if importlib.util.find_spec("skimage") is not None:
-        return _fidelity(reference, images)
-    mse = ((reference.astype(np.float64) - images.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    psnr = [math.inf if e == 0 else 10.0 * math.log10(1.0 / e) for e in mse]
-    return float(np.mean(psnr)), None, int((mse == 0).sum())
-
-
 def summarize(args, methods, state, targets, decode_seconds, decode_check, partial=False) -> dict:
     import numpy as np
 
     from faster_diffusion.quality import shapes
+    from faster_diffusion.quality.evaluate import fidelity
 
     stock_images = np.stack(state["stock"]["images"])
     stock_median = statistics.median(state["stock"]["seconds"])

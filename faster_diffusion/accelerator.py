@@ -98,7 +98,7 @@ class FasterDiffusion:
         self.set_params(key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
-        self._model_calibrations: list[tuple[Calibration, Path]] | None = None  # read on first need
+        self._model_calibrations: list[Calibration] | None = None  # read on first need
         self.stats: dict = {}
         self._run: _Run | None = None
         self._mode = EncoderMode()
@@ -236,10 +236,13 @@ class FasterDiffusion:
             start = matches[0]
         self._run.timesteps = all_t[start : start + n]
 
+    def _scheduler_name(self) -> str:
+        return type(self.pipe.scheduler).__name__ if self.pipe is not None else "unknown"
+
     def _resolve_schedule(self, latent_size) -> None:
         """Picks a calibrated run's key steps, or makes it a stock run that calibrates."""
         run = self._run
-        scheduler = type(getattr(self.pipe, "scheduler", None)).__name__ if self.pipe is not None else "unknown"
+        scheduler = self._scheduler_name()
         found = self._find_calibration(scheduler, run.timesteps, latent_size)
         if found is None:
             run.key_steps = set(range(run.num_steps))
@@ -260,9 +263,9 @@ class FasterDiffusion:
         """(calibration, where it came from) for this run, or None. A calibration of a longer run
         whose timesteps contain this run's as a contiguous slice serves too (img2img, inpainting)."""
         candidates = [
-            *((c, "the calibration argument" + (f" ({c.info['source']})" if c.info.get("source") else "")) for c in self.given_calibrations),
+            *((c, _given_source(c)) for c in self.given_calibrations),
             *((c, f"a calibration made by an earlier run ({c.describe()})") for c in self.calibrations),
-            *((c, f"file {path}") for c, path in self._shipped_calibrations()),
+            *((c, f"file {c.path}") for c in self._shipped_calibrations()),
         ]
         for calibration, source in candidates:  # exact matches first, then slices, each in order of preference
             if calibration.matches(scheduler, timesteps, latent_size):
@@ -273,7 +276,7 @@ class FasterDiffusion:
                 return part, f"{source}, {part.info['slice_of']}"
         return None
 
-    def _shipped_calibrations(self) -> list[tuple[Calibration, Path]]:
+    def _shipped_calibrations(self) -> list[Calibration]:
         """The model directory's calibration/*.json (read once)."""
         if self._model_calibrations is None:
             model_dir = _model_dir(self.pipe, self.unet)
@@ -285,10 +288,9 @@ class FasterDiffusion:
         recorder.detach()
         if run.step != run.num_steps:  # the loop did not finish: nothing to learn from
             return
-        info = run_info(self.pipe, [], run.num_steps, {}, 0.0) if self.pipe is not None else {}
+        info = run_info(self.pipe, [], run.num_steps, {}) if self.pipe is not None else {}
         info["source"] = "calibrated by a stock first run"
-        scheduler = type(self.pipe.scheduler).__name__ if self.pipe is not None else "unknown"
-        calibration = recorder.calibration(scheduler, info)
+        calibration = recorder.calibration(self._scheduler_name(), info)
         self.calibrations.append(calibration)
         logger.warning(
             "faster_diffusion: calibrated %s; %s now gives key steps %s",
@@ -439,16 +441,24 @@ def _as_calibrations(calibration) -> list[Calibration]:
     return result
 
 
-def shipped_calibrations(model_dir) -> list[tuple[Calibration, Path]]:
-    """The calibrations a model directory ships in calibration/*.json, with their paths; unreadable
-    files are skipped with a warning."""
+def shipped_calibrations(model_dir) -> list[Calibration]:
+    """The calibrations a model directory ships in calibration/*.json (each knows its ``path``);
+    unreadable files are skipped with a warning."""
     found = []
     for path in sorted((Path(model_dir) / CALIBRATION_DIR).glob("*.json")):
         try:
-            found.append((Calibration.load(path), path))
+            found.append(Calibration.load(path))
         except (ValueError, KeyError, TypeError, OSError) as err:
             logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
     return found
+
+
+def _given_source(calibration: Calibration) -> str:
+    """How stats name a calibration passed to ``enable``: its file, or what made it."""
+    if calibration.path is not None:
+        return f"file {calibration.path}"
+    made = calibration.info.get("source")
+    return "the calibration argument" + (f" ({made})" if made else "")
 
 
 def _model_dir(pipe, unet) -> Path | None:

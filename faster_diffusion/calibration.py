@@ -159,6 +159,9 @@ class Calibration:
     latent_size: tuple[int, ...]  # (height, width) of the UNet's input; (frames, height, width) for video
     info: dict = field(default_factory=dict)  # what it was calibrated on: model, prompts, date, ...
     refined: dict[int, list[int]] = field(default_factory=dict)  # budget -> key steps refined on outputs
+    path: Path | None = field(default=None, compare=False)  # the JSON file it was loaded from, if any
+    # (schedules, reuse costs) of every budget, solved once: a calibrated run resolves its schedule from it
+    _solved: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
@@ -218,18 +221,20 @@ class Calibration:
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         if not tolerance >= 0:
             raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
-        schedules = _least_cost_schedules(self.cost, n)
-        for b in range(1, n + 1):
-            if self.reuse_cost(schedules[b]) <= tolerance * n:
-                return schedules[b]
-        return list(range(n))
+        schedules, costs = self._solve()
+        return next((list(schedules[b]) for b in range(1, n + 1) if costs[b] <= tolerance * n), list(range(n)))
 
     def least_cost_schedule(self, budget: int) -> list[int]:
         """The ``budget`` key steps of least reuse cost (ignoring any refinement)."""
         n = self.num_steps
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
             raise ValueError(f"budget={budget!r} must be an integer in [1, {n}] (encoder passes of a {n}-step run)")
-        return _least_cost_schedules(self.cost, budget)[budget]
+        return list(self._solve()[0][budget])
+
+    def _solve(self) -> tuple[dict[int, list[int]], dict[int, float]]:
+        if self._solved is None:
+            self._solved = _least_cost_schedules(self.cost)
+        return self._solved
 
     # -- files -----------------------------------------------------------------------------------------------------
 
@@ -266,37 +271,38 @@ class Calibration:
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        calibration = cls.from_dict(json.loads(Path(path).read_text()))
+        calibration.path = Path(path)
+        return calibration
 
 
-def _least_cost_schedules(cost: np.ndarray, max_budget: int) -> dict[int, list[int]]:
-    """For every budget b in [1, max_budget], the b key steps (0 among them) of least reuse cost.
+def _least_cost_schedules(cost: np.ndarray) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """For every budget b, the b key steps (0 among them) of least reuse cost, and that cost.
 
     best[b][e]: least cost of steps [0, e) with b keys, the last segment ending at e; a segment
-    starting at key a and ending before e costs sum(cost[a, a+1:e]). O(max_budget * steps^2).
+    starting at key a and ending before e costs sum(cost[a, a+1:e]). O(steps^3), once per calibration.
     """
     n = cost.shape[0]
     row_cum = np.zeros((n, n + 1))
     for a in range(n):
         row_cum[a, a + 2 :] = np.cumsum(cost[a, a + 1 :])  # row_cum[a, e] = sum(cost[a, a+1:e])
-    inf = float("inf")
-    best = np.full((max_budget + 1, n + 1), inf)
-    start = np.zeros((max_budget + 1, n + 1), dtype=int)  # start of the last segment
+    best = np.full((n + 1, n + 1), float("inf"))
+    start = np.zeros((n + 1, n + 1), dtype=int)  # start of the last segment
     best[1, 1:] = row_cum[0, 1:]
-    for b in range(2, max_budget + 1):
+    for b in range(2, n + 1):
         for e in range(b, n + 1):
             a = np.arange(b - 1, e)  # the last key
             totals = best[b - 1, a] + row_cum[a, e]
             k = int(np.argmin(totals))
             best[b, e], start[b, e] = totals[k], a[k]
     schedules = {}
-    for b in range(1, max_budget + 1):
+    for b in range(1, n + 1):
         keys, e = [], n
         for m in range(b, 1, -1):
             e = start[m, e]
             keys.append(int(e))
         schedules[b] = [0] + sorted(keys)
-    return schedules
+    return schedules, {b: float(best[b, n]) for b in range(1, n + 1)}
 
 
 def _library_version() -> str:
@@ -308,7 +314,7 @@ def _library_version() -> str:
         return "unknown"
 
 
-def run_info(pipe, prompts, num_inference_steps, call_kwargs, seconds) -> dict:
+def run_info(pipe, prompts, num_inference_steps, call_kwargs) -> dict:
     """What a calibration was made on, for its JSON file."""
     return {
         "model": str(getattr(pipe, "name_or_path", None) or type(pipe).__name__),
@@ -318,7 +324,6 @@ def run_info(pipe, prompts, num_inference_steps, call_kwargs, seconds) -> dict:
         "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "library_version": _library_version(),
-        "seconds": round(seconds, 3),
     }
 
 
@@ -341,9 +346,8 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, **call_kwargs) -> Ca
         if accel is not None:
             accel.enable()
     seconds = time.perf_counter() - started
-    calibration = recorder.calibration(
-        type(pipe.scheduler).__name__, run_info(pipe, prompts, num_inference_steps, call_kwargs, seconds)
-    )
+    info = {**run_info(pipe, prompts, num_inference_steps, call_kwargs), "seconds": round(seconds, 3)}
+    calibration = recorder.calibration(type(pipe.scheduler).__name__, info)
     logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), seconds)
     return calibration
 

@@ -7,6 +7,7 @@ the prompts to calibrate that model on. Without that file the generic prompts be
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -36,35 +37,39 @@ def calibration_prompts(model_dir) -> list[str]:
 
 
 def file_name(scheduler_name: str, calibration: faster_diffusion.Calibration) -> str:
-    h, w = calibration.latent_size
-    return f"{scheduler_name}-{calibration.num_steps}steps-{h}x{w}.json"
+    return f"{scheduler_name}-{calibration.num_steps}steps-{'x'.join(map(str, calibration.latent_size))}.json"
 
 
-def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts) -> faster_diffusion.Calibration:
-    """One stock run of ``prompts`` with the service's scheduler ``scheduler_name`` (the pipeline's own
-    scheduler is put back afterwards)."""
+def seeds(prompts) -> list[int]:
+    return [CALIBRATION_SEED + k for k in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def service_scheduler(pipe, scheduler_name: str):
+    """The pipeline with the service's scheduler ``scheduler_name``; its own is put back afterwards."""
     original = pipe.scheduler
     pipe.scheduler = make_scheduler(scheduler_name, original.config)
     try:
-        generators = [torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(len(prompts))]
+        yield pipe
+    finally:
+        pipe.scheduler = original
+
+
+def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts) -> faster_diffusion.Calibration:
+    """One stock run of ``prompts`` with the service's scheduler ``scheduler_name``, seeds from CALIBRATION_SEED."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds(prompts)]
+    with service_scheduler(pipe, scheduler_name):
         calibration = faster_diffusion.calibrate(
             pipe, prompts, steps, height=height, width=width, guidance_scale=GUIDANCE_SCALE, generator=generators
         )
-    finally:
-        pipe.scheduler = original
     calibration.info["service_scheduler"] = scheduler_name
-    calibration.info["seeds"] = [CALIBRATION_SEED + k for k in range(len(prompts))]
+    calibration.info["seeds"] = seeds(prompts)
     return calibration
 
 
 def refine(pipe, calibration, scheduler_name: str, budget: int, height: int, width: int, prompts):
     """``faster_diffusion.refine`` on the calibration prompts and seeds, with the service's scheduler."""
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler_name, original.config)
-    try:
+    with service_scheduler(pipe, scheduler_name):
         return faster_diffusion.refine(
-            pipe, calibration, budget, prompts, seeds=[CALIBRATION_SEED + k for k in range(len(prompts))],
-            height=height, width=width, guidance_scale=GUIDANCE_SCALE,
+            pipe, calibration, budget, prompts, seeds=seeds(prompts), height=height, width=width, guidance_scale=GUIDANCE_SCALE
         )
-    finally:
-        pipe.scheduler = original

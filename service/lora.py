@@ -14,13 +14,11 @@ fails before sampling and names the input.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from .weights import URL_SCHEMES, cache_dir
+from .weights import URL_SCHEMES, cache_dir, download
 
 FIELD = "lora_weights"
 
@@ -56,8 +54,7 @@ def fetch_lora(url: str, dest_root: Path | None = None) -> Path:
     fd, staging = tempfile.mkstemp(prefix=".download-", dir=dest_root)
     try:
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(fd, "wb") as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
+            download(url, fd)
         except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
             raise _error(url, f"download failed: {err}") from None
         check_safetensors(Path(staging), url)  # a bad download is not cached

@@ -117,6 +117,12 @@ def find_pipeline_dir(root: Path, source: str) -> Path:
     raise WeightsError(f"weights {source!r}: several pipelines in {root} ({names}); point at one of them")
 
 
+def download(url: str, dest) -> None:
+    """Writes what ``url`` (http, https or file) holds to ``dest``; raises OSError or ValueError."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        shutil.copyfileobj(response, out, length=1 << 20)
+
+
 def fetch_tar(url: str, dest_root: Path | None = None) -> Path:
     """Downloads and unpacks the tar at ``url`` once; returns the pipeline directory in it."""
     dest_root = Path(dest_root) if dest_root is not None else cache_dir()
@@ -128,8 +134,7 @@ def fetch_tar(url: str, dest_root: Path | None = None) -> Path:
         try:
             archive = staging / "weights.tar"
             try:
-                with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out, length=1 << 20)
+                download(url, archive)
             except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
                 raise WeightsError(f"weights {url!r}: download failed: {err}") from err
             try:

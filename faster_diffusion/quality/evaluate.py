@@ -98,7 +98,7 @@ def _shipped_calibration(pipe, num_steps: int):
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_steps)
     latent = pipe.unet.config.sample_size
-    for calibration, _ in shipped_calibrations(pipe.name_or_path):
+    for calibration in shipped_calibrations(pipe.name_or_path):
         if calibration.matches(type(scheduler).__name__, scheduler.timesteps, (latent, latent)):
             return calibration
     return None
@@ -122,9 +122,12 @@ def _enable(pipe, kw: dict, num_steps: int):
     return faster_diffusion.enable(pipe, **kw), refined
 
 
-def _fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float, int]:
-    from skimage.metrics import structural_similarity
-
+def fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float | None, int]:
+    """Mean PSNR, mean SSIM (None without scikit-image) and the number of identical images."""
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:  # e.g. a bare GPU machine running bench/peers.py
+        structural_similarity = None
     psnrs, ssims, same = [], [], 0
     for a, b in zip(ref, imgs):
         mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
@@ -134,8 +137,10 @@ def _fidelity(ref: np.ndarray, imgs: np.ndarray) -> tuple[float, float, int]:
             ssims.append(1.0)
         else:
             psnrs.append(10.0 * math.log10(1.0 / mse))
-            ssims.append(float(structural_similarity(a, b, channel_axis=-1, data_range=1.0)))
-    return float(np.mean(psnrs)), float(np.mean(ssims)), same
+            if structural_similarity is not None:
+                ssims.append(float(structural_similarity(a, b, channel_axis=-1, data_range=1.0)))
+    ssim = float(np.mean(ssims)) if structural_similarity is not None else None
+    return float(np.mean(psnrs)), ssim, same
 
 
 def _hardware(device: str, threads: int) -> str:
@@ -296,7 +301,7 @@ def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
     imgs = images[name]
     detections = [shapes.detect(im) for im in imgs]
     adherence = shapes.score(detections, targets)
-    psnr, ssim, same = _fidelity(images[sampler], imgs)
+    psnr, ssim, same = fidelity(images[sampler], imgs)
     row = {
         "name": name,
         "label": _label(name, steps),
