@@ -419,9 +419,10 @@ def _local_search(calibration: Calibration, budget: int, final_latents, sweeps: 
         improved = False
         for position in range(1, len(keys)):
             for move in moves:
-                candidate = sorted(set(keys[:position] + [keys[position] + move] + keys[position + 1 :]))
-                if len(candidate) != len(keys) or not 0 < candidate[position] < n:
+                moved = keys[position] + move  # may pass a neighbour; the candidate is re-sorted
+                if not 0 < moved < n or moved in keys:
                     continue
+                candidate = sorted(keys[:position] + [moved] + keys[position + 1 :])
                 value = distance(candidate)
                 evaluations += 1
                 if value < best:

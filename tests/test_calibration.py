@@ -259,3 +259,26 @@ def test_refine_lowers_the_distance_to_stock_and_serves_auto_b(pipe):
                generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
     assert accel.stats["key_steps"] == keys
     assert (out - stock).pow(2).mean().item() == pytest.approx(report["latent_mse_after"], rel=1e-4)
+
+
+def test_local_search_never_moves_a_key_past_the_last_step():
+    """A +2 move of the second-to-last key passes the last one: the candidate must stay in range
+    (a 20-step DPM-Solver refinement once asked for step 20)."""
+    from types import SimpleNamespace
+
+    from faster_diffusion.calibration import _local_search
+
+    start = [0, 4, 5, 10, 11, 18, 19]
+    calibration = SimpleNamespace(num_steps=20, least_cost_schedule=lambda budget: list(start))
+    seen = []
+
+    def final_latents(keys):  # closer to "stock" the later the keys sit
+        if keys is None:
+            return torch.zeros(1)
+        seen.append(list(keys))
+        assert all(0 <= k < 20 for k in keys) and keys == sorted(set(keys)) and len(keys) == len(start), keys
+        return torch.tensor([60.0 - sum(keys) / 10])
+
+    keys, best, first, evaluations, initial = _local_search(calibration, len(start), final_latents, 3, (-2, -1, 1, 2))
+    assert initial == start and keys[0] == 0 and max(keys) == 19 and best < first
+    assert evaluations == len(seen) and any(k[-2] == 18 and k[-1] == 19 for k in seen)
