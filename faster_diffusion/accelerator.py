@@ -18,8 +18,8 @@ ends, even if the loop raises. Inside a run:
   following non-key steps in one batch, and their outputs are returned at those
   steps without running the UNet;
 - a ControlNet runs only at key steps; its residuals are replayed otherwise;
-- prior noise injection adds ``noise_injection * z_T`` to the latent after each
-  scheduler step whose *next* timestep is below ``noise_injection_timestep``.
+- prior noise injection adds ``noise_injection * z_T`` to the (variance-preserving) latent
+  after each scheduler step whose *next* timestep is below ``noise_injection_timestep``.
 
 A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
 """
@@ -207,7 +207,7 @@ class FasterDiffusion:
             self._run = _Run(num_steps, set(key_step_indices(self.key_steps, num_steps)), timesteps, str(self.key_steps))
         scheduler = getattr(self.pipe, "scheduler", None)
         if self.noise_injection > 0 and scheduler is not None:
-            scheduler.step = self._wrap_scheduler_step(scheduler.step)
+            scheduler.step = self._wrap_scheduler_step(scheduler)
         try:
             yield self
         finally:
@@ -329,16 +329,23 @@ class FasterDiffusion:
             steps.append(steps[-1] + 1)
         return steps
 
-    def _wrap_scheduler_step(self, step):
+    def _wrap_scheduler_step(self, scheduler):
+        step = scheduler.step
+
         def step_with_noise_injection(model_output, timestep, sample, *args, **kwargs):
             run = self._run
             if run.scheduler_steps == 0:
-                run.initial_latent = sample.clone()
+                # z_T at unit scale: sigma-parametrised schedulers (Euler and kin) start from z_T * init_noise_sigma,
+                # which a zero-terminal-SNR schedule makes ~4096
+                run.initial_latent = sample / scheduler.init_noise_sigma
             output = step(model_output, timestep, sample, *args, **kwargs)
             run.scheduler_steps += 1
             k = run.scheduler_steps
             if run.recorder is None and run.timesteps is not None and k < len(run.timesteps) and as_float(run.timesteps[k]) < self.noise_injection_timestep:
-                injected = _prev_sample(output) + self.noise_injection * run.initial_latent
+                # the paper adds alpha * z_T to the variance-preserving latent; a sigma-parametrised latent is
+                # that latent divided by scale_model_input's factor 1 / sqrt(sigma^2 + 1) (1 for DDIM, DPM-Solver)
+                to_vp = scheduler.scale_model_input(sample.new_ones(()), run.timesteps[k])
+                injected = _prev_sample(output) + self.noise_injection * run.initial_latent / to_vp
                 output = _with_prev_sample(output, injected)
             return output
 

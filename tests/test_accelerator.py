@@ -137,16 +137,21 @@ def test_enable_twice_replaces_settings(pipe):
     assert len(pipe.unet.conv_in._diffusers_hook.hooks) == 1
 
 
-def test_noise_injection_matches_its_definition(pipe):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_noise_injection_matches_its_definition(pipe, scheduler):
     """z <- z + alpha * z_T before every step whose t is below the threshold, checked against a stock
-    run that injects through callback_on_step_end."""
+    run that injects through callback_on_step_end. Euler's latent is sqrt(sigma^2 + 1) times the
+    variance-preserving one, and starts from z_T * init_noise_sigma: the injection scales with it."""
+    use_scheduler(pipe, scheduler)
     alpha, threshold = 0.05, 500
-    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))  # unit z_T
 
     def inject(p, i, t, kwargs):
         timesteps = p.scheduler.timesteps
         if i + 1 < len(timesteps) and timesteps[i + 1] < threshold:
-            return {"latents": kwargs["latents"] + alpha * latents}
+            sigmas = getattr(p.scheduler, "sigmas", None)
+            scale = 1.0 if sigmas is None else float((sigmas[i + 1] ** 2 + 1) ** 0.5)
+            return {"latents": kwargs["latents"] + alpha * scale * latents}
         return {}
 
     expected = sample(pipe, latents=latents, callback_on_step_end=inject)
