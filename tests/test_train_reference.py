@@ -7,6 +7,8 @@ import sys
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "script" / "train-reference"
@@ -37,6 +39,22 @@ def test_pure_noise_samples_get_pure_noise_and_the_epsilon_that_maps_it_onto_the
     torch.testing.assert_close(x0, lat, rtol=1e-4, atol=1e-4)
 
 
+def test_v_prediction_target_recovers_the_image_even_from_pure_noise():
+    train = load_script()
+    gen = torch.Generator().manual_seed(0)
+    lat, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    alpha_bar = torch.tensor([0.9, 0.3, 0.0]).view(-1, 1, 1, 1)  # 0: the last step of a zero-terminal-SNR schedule
+    pure = torch.zeros(3, dtype=torch.bool)
+
+    noisy, v = train.noisy_input_and_target(lat, noise, alpha_bar, pure, "v_prediction")
+
+    torch.testing.assert_close(noisy, alpha_bar.sqrt() * lat + (1 - alpha_bar).sqrt() * noise)
+    torch.testing.assert_close(noisy[2], noise[2])  # pure noise: nothing of the image leaks in
+    # the samplers' v formulas: x0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v
+    torch.testing.assert_close(alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * v, lat)
+    torch.testing.assert_close((1 - alpha_bar).sqrt() * noisy + alpha_bar.sqrt() * v, noise)
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=True, timeout=300)
 
@@ -61,3 +79,39 @@ def test_vae_stage_then_unet_stage_from_it(tmp_path):
     assert info["vae_steps"] == 0 and info["unet_steps"] == 2
     image = pipe("a red square in the center", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_v_prediction_zero_terminal_snr_fine_tune(tmp_path):
+    """The last stage of the recipe at toy size: fine-tune to v-prediction on a zero-terminal-SNR schedule."""
+    tiny = ["--num-images", "64", "--batch", "4", "--vae-batch", "4", "--unet-channels", "16", "16", "16",
+            "--vae-channels", "8", "8", "8", "8"]
+    run_script("--out", str(tmp_path / "eps"), "--minutes", "1", "--vae-steps", "1", "--steps", "1", *tiny)
+    run_script("--out", str(tmp_path / "v"), "--minutes", "1", "--init-from", str(tmp_path / "eps"), "--steps", "2",
+               "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-spacing", "trailing",
+               "--low-t-frac", "0.5", "--low-t-max", "300", "--caption-dropout", "0.2", *tiny)
+
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "v"))
+    s = pipe.scheduler.config
+    assert (s.prediction_type, s.rescale_betas_zero_snr, s.timestep_spacing) == ("v_prediction", True, "trailing")
+    assert pipe.scheduler.alphas_cumprod[-1] == 0  # x_999 is pure noise
+    info = json.loads((tmp_path / "v" / "training.json").read_text())
+    assert info["unet_steps"] == 2 and info["args"]["prediction_type"] == "v_prediction" and info["args"]["low_t_frac"] == 0.5
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(s, algorithm_type="dpmsolver++")
+    image = pipe("a red square in the center", num_inference_steps=3, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--zero-terminal-snr"], "--zero-terminal-snr needs --prediction-type v_prediction"),
+        (["--prediction-type", "v_prediction", "--pure-noise-frac", "0.5"], "epsilon-prediction options"),
+        (["--prediction-type", "v_prediction", "--x0-weight-max", "5"], "epsilon-prediction options"),
+    ],
+)
+def test_bad_option_combinations_are_refused(tmp_path, args, message):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x"), *args], capture_output=True, text=True)
+    assert res.returncode == 2 and message in res.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
