@@ -55,15 +55,18 @@ def load_unet_config(name_or_path: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def make_scheduler(sampler: str):
-    """'ddim' or 'dpmpp' (DPM-Solver++ 2M, the multistep solver the paper pairs with 20 steps)."""
+def make_scheduler(sampler: str, base_config=None):
+    """'ddim' or 'dpmpp' (DPM-Solver++ 2M, the multistep solver the paper pairs with 20 steps), on SD1.5's
+    noise schedule or, given ``base_config``, on a model's own (its prediction type and timestep spacing)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    if sampler not in ("ddim", "dpmpp"):
+        raise ValueError(f"unknown sampler {sampler!r}; use ddim or dpmpp")
     if sampler == "ddim":
-        return DDIMScheduler(**SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
-    if sampler == "dpmpp":
-        return DPMSolverMultistepScheduler(**SD_SCHEDULER, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown sampler {sampler!r}; use ddim or dpmpp")
+        if base_config is None:
+            return DDIMScheduler(**SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler.from_config(base_config)
+    return DPMSolverMultistepScheduler.from_config(base_config or SD_SCHEDULER, algorithm_type="dpmsolver++", solver_order=2)
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}

@@ -237,7 +237,7 @@ def _max_diff(a, b) -> float | None:
 
 def bench_config(pipe, args, sampler: str, steps: int, batch: int, log, on_repeat=None) -> dict:
     """All modes for one (sampler, steps, batch): warm-up, interleaved repeats, medians."""
-    pipe.scheduler = common.make_scheduler(sampler)
+    pipe.scheduler = common.make_scheduler(sampler, pipe.scheduler.config)
     kw = dict(batch=batch, steps=steps, resolution=args.resolution, output_type=args.output_type, guidance=args.guidance)
     modes = args.modes
     res = {m: {"seconds": [], "memory": [], "stats": None} for m in modes}

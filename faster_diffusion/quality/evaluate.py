@@ -58,11 +58,24 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
     "dpm": ("dpm", None),
     "dpm-paper": ("dpm", dict(key_steps="paper", parallel=True, noise_injection=0.003)),
     "dpm-uniform2": ("dpm", dict(key_steps="uniform:2", parallel=True, noise_injection=0.003)),
+    "dpm-uniform5": ("dpm", dict(key_steps="uniform:5", parallel=True, noise_injection=0.003)),
     "dpm-auto": ("dpm", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
     "dpm-cost7": ("dpm", dict(key_steps="cost:7", parallel=True, noise_injection=0.003)),
     "dpm-auto7": ("dpm", dict(key_steps="auto:7", parallel=True, noise_injection=0.003)),
+    "euler": ("euler", None),
+    "euler-auto": ("euler", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
+    "unipc": ("unipc", None),
+    "unipc-auto": ("unipc", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
 }
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM-Solver++"}
+#: sampler -> (display name, diffusers scheduler class, config overrides, default steps)
+SAMPLERS = {
+    "ddim": ("DDIM", "DDIMScheduler", {}, 50),
+    "dpm": ("DPM-Solver++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, 20),
+    "euler": ("Euler", "EulerDiscreteScheduler", {}, 30),
+    "unipc": ("UniPC", "UniPCMultistepScheduler", {}, 20),
+}
+SAMPLER_NAMES = {k: v[0] for k, v in SAMPLERS.items()}
+DEFAULT_STEPS = {k: v[3] for k, v in SAMPLERS.items()}
 
 
 def prompt_set(num_prompts: int, seeds: int) -> list[tuple[str, int]]:
@@ -84,11 +97,11 @@ def _label(name: str, steps: dict[str, int]) -> str:
 
 
 def _scheduler(pipe, sampler: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """The sampler's scheduler on the model's own config (prediction type, betas, timestep spacing)."""
+    import diffusers
 
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(pipe.scheduler.config)
-    return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    _, cls, overrides, _ = SAMPLERS[sampler]
+    return getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
 
 
 def _shipped_calibration(pipe, num_steps: int):
@@ -175,8 +188,7 @@ def evaluate(
     settings=tuple(SETTINGS),
     num_prompts: int = 100,
     seeds: int = 2,
-    ddim_steps: int = 50,
-    dpm_steps: int = 20,
+    steps: dict[str, int] | None = None,
     batch_size: int = 100,
     threads: int = 2,
     device: str = "cpu",
@@ -189,7 +201,9 @@ def evaluate(
     With ``cache_dir`` each setting's images, wall time and stats are stored there
     (``{name}-{key}.npz``) and reused when present, so several processes can sample
     disjoint settings (``cache_only``: no references, no report) and a last call
-    assembles the report.
+    assembles the report. ``steps`` maps a sampler to its step count (default ``DEFAULT_STEPS``).
+    Each stock sampler other than DDIM is also compared with stock DDIM on the same seeds
+    (``psnr_to_ddim``): how far the sampler's images are from the 50-step reference.
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -200,7 +214,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {list(SETTINGS)}")
     torch.set_num_threads(threads)
-    steps = {"ddim": ddim_steps, "dpm": dpm_steps}
+    steps = {**DEFAULT_STEPS, **(steps or {})}
     # each sampler's stock run first: it is the fidelity reference
     needed = []
     for s in settings:
@@ -271,6 +285,9 @@ def evaluate(
         log(_line(results[-1]))
     import diffusers
 
+    for row in results:
+        if not row["accelerated"] and row["name"] != "ddim" and "ddim" in images:
+            row["psnr_to_ddim"], row["ssim_to_ddim"], _ = fidelity(images["ddim"], images[row["name"]])
     results.sort(key=lambda r: list(SETTINGS).index(r["name"]))
     return {
         "model": str(model),
@@ -358,6 +375,13 @@ def to_markdown(report: dict, command: str) -> str:
             f"{a['position']:.1%} | {a['all']:.1%} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} | "
             f"{r['seconds']:.1f} | {r['speedup']:.2f}x |"
         )
+    cross = [r for r in report["settings"] if "psnr_to_ddim" in r]
+    if cross:
+        ddim = next(r for r in report["settings"] if r["name"] == "ddim")
+        lines += ["", f"Stock samplers against stock {ddim['label'].removesuffix(' stock')} on the same seeds "
+                  "(how close a shorter solver comes to the 50-step images):", "",
+                  "| sampler | PSNR | SSIM |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['label']} | {_fmt(r['psnr_to_ddim'], 2)} | {_fmt(r['ssim_to_ddim'], 4)} |" for r in cross]
     for r in report["settings"]:
         if r["accelerated"]:
             continue
@@ -391,8 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=100, help="captions (of the 90, in a fixed shuffled order, cycled)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
     ap.add_argument("--settings", default="all", help=f"comma-separated subset of: {', '.join(SETTINGS)}")
-    ap.add_argument("--ddim-steps", type=int, default=50)
-    ap.add_argument("--dpm-steps", type=int, default=20)
+    for sampler, (name, _, _, default) in SAMPLERS.items():
+        ap.add_argument(f"--{sampler}-steps", type=int, default=default, help=f"{name} steps")
     ap.add_argument("--batch-size", type=int, default=100, help="prompts per pipeline call")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -407,8 +431,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.cache_only and not args.cache_dir:
         ap.error("--cache-only needs --cache-dir")
-    report = evaluate(args.model, settings, args.num_prompts, args.seeds, args.ddim_steps, args.dpm_steps,
-                      args.batch_size, args.threads, args.device, cache_dir=args.cache_dir, cache_only=args.cache_only)
+    steps = {sampler: getattr(args, f"{sampler}_steps") for sampler in SAMPLERS}
+    report = evaluate(args.model, settings, args.num_prompts, args.seeds, steps, args.batch_size, args.threads, args.device, cache_dir=args.cache_dir, cache_only=args.cache_only)
     if args.cache_only:
         return 0
     report["total_seconds"] = time.perf_counter() - t0

@@ -50,7 +50,9 @@ def frontier(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samplers = list(dict.fromkeys((r["sampler"], r["steps"]) for r in report["settings"]))
+    # one column per sampler with a curve to draw (a sampler evaluated only stock and at auto has none)
+    accelerated = [(r["sampler"], r["steps"]) for r in report["settings"] if family(r)]
+    samplers = [s for s in dict.fromkeys(accelerated) if accelerated.count(s) >= 2]
     fig, axes = plt.subplots(2, len(samplers), figsize=(5.5 * len(samplers), 7), squeeze=False)
     markers = {"paper": "s", "uniform:K": "o", "auto / auto:B": "D", "least reuse cost (no refinement)": "v", "auto:B refined": "*"}
     for col, (sampler, steps) in enumerate(samplers):
