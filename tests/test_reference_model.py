@@ -10,7 +10,7 @@ import torch
 from faster_diffusion.quality import shapes
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
-SEED = 0  # generator seed of the sample test (DDIM-20, guidance 7.5)
+SEED = 0  # generator seed of the sample tests (DDIM-20 and DPM-Solver++-20, guidance 7.5)
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="weights/tiny-shapes missing")
 
@@ -59,21 +59,32 @@ def test_real_classes_and_sd_layout(pipe):
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
     s = pipe.scheduler.config
     assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
-    assert (s.steps_offset, s.clip_sample, s.set_alpha_to_one, s.prediction_type) == (1, False, False, "epsilon")
+    assert (s.steps_offset, s.clip_sample, s.set_alpha_to_one) == (1, False, False)
+    # SD2.x-style v-prediction on a zero-terminal-SNR schedule sampled from t=999 (Lin et al. 2024)
+    assert (s.prediction_type, s.rescale_betas_zero_snr, s.timestep_spacing) == ("v_prediction", True, "trailing")
     # the caption words are whole tokens of the CLIP-format BPE vocabulary
     ids = pipe.tokenizer("a red square in the center").input_ids
     assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id and len(ids) == 8
 
 
-def test_red_square_in_the_center(pipe):
-    g = torch.Generator().manual_seed(SEED)
-    img = pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, generator=g, output_type="np").images[0]
-    assert img.shape == (64, 64, 3)
-    assert shapes.detect(img).attributes == ("red", "square", "center")
-    # deterministic for a fixed generator
-    g = torch.Generator().manual_seed(SEED)
-    img2 = pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, generator=g, output_type="np").images[0]
-    assert np.array_equal(img, img2)
+@pytest.mark.parametrize("sampler", ["DDIM", "DPMSolverMultistep"])
+def test_red_square_in_the_center(pipe, sampler):
+    import diffusers
+
+    scheduler = getattr(diffusers, f"{sampler}Scheduler").from_config(pipe.scheduler.config)
+    stock = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        images = [
+            pipe("a red square in the center", num_inference_steps=20, guidance_scale=7.5, output_type="np",
+                 generator=torch.Generator().manual_seed(SEED)).images[0]
+            for _ in range(2)
+        ]
+    finally:
+        pipe.scheduler = stock
+    assert images[0].shape == (64, 64, 3)
+    assert shapes.detect(images[0]).attributes == ("red", "square", "center")
+    assert np.array_equal(images[0], images[1])  # deterministic for a fixed generator
 
 
 def test_service_defaults_draw_the_readme_prompt(pipe):
