@@ -27,7 +27,7 @@ serve: setup
 schema:
 	$(PY) script/openapi-schema
 
-# Retrain the bundled model from scratch on the CPU into build/tiny-shapes, in five stages (~115 min on
+# Retrain the bundled model from scratch on the CPU into build/tiny-shapes, in seven stages (~155 min on
 # 2 cores); weights/tiny-shapes/README.md says what each does. A stage is done when its training.json
 # exists (written last), so an interrupted `make reference-model` resumes at the stage it was in.
 REF := build/reference
@@ -49,9 +49,18 @@ $(REF)/v-prediction/training.json: $(REF)/epsilon/training.json
 	$(PY) script/train-reference --init-from $(REF)/epsilon --out $(REF)/v-prediction --minutes 32 --batch 128 --lr 5e-4 \
 		--high-t-frac 0.3 --high-t-min 600 $(V_PRED) --seed 8 --check 180
 
-build/tiny-shapes/training.json: $(REF)/v-prediction/training.json
-	$(PY) script/train-reference --init-from $(REF)/v-prediction --out build/tiny-shapes --minutes 22 --batch 128 --lr 2.5e-4 \
+$(REF)/low-t/training.json: $(REF)/v-prediction/training.json
+	$(PY) script/train-reference --init-from $(REF)/v-prediction --out $(REF)/low-t --minutes 22 --batch 128 --lr 2.5e-4 \
 		--caption-dropout 0.2 --low-t-frac 0.3 --low-t-max 300 --high-t-frac 0.15 --high-t-min 600 $(V_PRED) --seed 9 --check 90
+
+LATE := --caption-dropout 0.2 --low-t-frac 0.3 --low-t-max 300 --high-t-frac 0.15 --high-t-min 600 $(V_PRED)
+$(REF)/guided/training.json: $(REF)/low-t/training.json
+	$(PY) script/train-reference --init-from $(REF)/low-t --out $(REF)/guided --minutes 20 --batch 128 --lr 1.5e-4 \
+		$(LATE) --guided-weight 1 --guided-t-max 200 --seed 11 --check 90
+
+build/tiny-shapes/training.json: $(REF)/guided/training.json
+	$(PY) script/train-reference --init-from $(REF)/guided --out build/tiny-shapes --minutes 20 --batch 128 --lr 1.5e-4 \
+		$(LATE) --guided-weight 3 --guided-t-max 300 --seed 12 --check 90
 
 # Retrain weights/tiny-shapes-orange-lora (the colour "orange" for the bundled model, ~9 min on 1 CPU thread)
 # and measure its adherence on 30 captions; its README.md says what it does.

@@ -55,6 +55,37 @@ def test_v_prediction_target_recovers_the_image_even_from_pure_noise():
     torch.testing.assert_close((1 - alpha_bar).sqrt() * noisy + alpha_bar.sqrt() * v, noise)
 
 
+def test_guided_loss_is_the_guided_prediction_error_on_selected_samples_only():
+    from types import SimpleNamespace
+
+    from tiny_pipelines import tiny_text_encoder, tiny_tokenizer, tiny_unet
+
+    train = load_script()
+    unet, text_encoder, tok = tiny_unet(), tiny_text_encoder(), tiny_tokenizer()
+    ids_null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ids_caption = tok(["a red square"] * 4, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(0)
+    noisy, target = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 50, 150, 700])
+    sel = torch.tensor([True, False, True, False])
+    args = SimpleNamespace(guided_scale=7.5)
+    null = text_encoder(ids_null).last_hidden_state.expand(4, -1, -1)
+    uncond = unet(noisy, t, null).sample
+    cond = unet(noisy, t, text_encoder(ids_caption).last_hidden_state).sample
+
+    loss = train.guided_loss(unet, text_encoder, ids_null, noisy, t, cond, target, sel, args)
+
+    assert loss.shape == (4,) and (loss[~sel] == 0).all()
+    guided = uncond + 7.5 * (cond - uncond)
+    torch.testing.assert_close(loss[sel], ((guided - target) ** 2).mean((1, 2, 3))[sel] / 7.5**2)
+    # where the caption changes nothing, the guided prediction is the plain one (the optimum is unchanged)
+    same = train.guided_loss(unet, text_encoder, ids_null, noisy, t, uncond, target, sel, args)
+    torch.testing.assert_close(same[sel], ((uncond - target) ** 2).mean((1, 2, 3))[sel] / 7.5**2)
+    # and it trains the unconditional branch too, through the null caption
+    loss.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in text_encoder.parameters())
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=True, timeout=300)
 
@@ -88,7 +119,7 @@ def test_v_prediction_zero_terminal_snr_fine_tune(tmp_path):
     run_script("--out", str(tmp_path / "eps"), "--minutes", "1", "--vae-steps", "1", "--steps", "1", *tiny)
     run_script("--out", str(tmp_path / "v"), "--minutes", "1", "--init-from", str(tmp_path / "eps"), "--steps", "2",
                "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-spacing", "trailing",
-               "--low-t-frac", "0.5", "--low-t-max", "300", "--caption-dropout", "0.2", *tiny)
+               "--low-t-frac", "0.5", "--low-t-max", "300", "--caption-dropout", "0.2", "--guided-weight", "1", *tiny)
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -98,6 +129,7 @@ def test_v_prediction_zero_terminal_snr_fine_tune(tmp_path):
     assert pipe.scheduler.alphas_cumprod[-1] == 0  # x_999 is pure noise
     info = json.loads((tmp_path / "v" / "training.json").read_text())
     assert info["unet_steps"] == 2 and info["args"]["prediction_type"] == "v_prediction" and info["args"]["low_t_frac"] == 0.5
+    assert info["args"]["guided_weight"] == 1 and info["args"]["guided_t_max"] == 200
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(s, algorithm_type="dpmsolver++")
     image = pipe("a red square in the center", num_inference_steps=3, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
