@@ -94,6 +94,8 @@ class Predictor(BaseRunner):
             return
         started = time.perf_counter()
         calibration = calibrations.calibrate(self.pipe, scheduler, steps, height, width, self.calibration_prompts)
+        if when == "at setup":  # checked on outputs too (several more runs); a first use only calibrates
+            calibrations.validate(self.pipe, calibration, scheduler, height, width, self.calibration_prompts)
         calibration.info["source"] = f"calibrated {when}"
         self.calibrations.append(calibration)
         print(

@@ -15,12 +15,12 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 """
 
 from .accelerator import FasterDiffusion
-from .calibration import Calibration, calibrate, refine
+from .calibration import Calibration, calibrate, refine, validate
 from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
 from .unet_split import SUPPORTED_UNETS
 
 __all__ = [
-    "FasterDiffusion", "enable", "disable", "calibrate", "refine", "Calibration",
+    "FasterDiffusion", "enable", "disable", "calibrate", "refine", "validate", "Calibration",
     "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
 ]
 

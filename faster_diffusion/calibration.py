@@ -11,7 +11,8 @@ A schedule's *reuse cost* is the sum of ``cost[k(j), j]`` over its non-key steps
 the key set of least reuse cost by dynamic programming, exactly: for a budget of
 encoder passes, or the fewest passes whose mean reuse cost per step is at most a
 tolerance. ``refine`` then improves a budget's schedule by a local search on the
-final latents' distance to the stock run's.
+final latents' distance to the stock run's, and ``validate`` checks the tolerance's schedule
+on outputs: a sampler can be more sensitive to reused features than the features show.
 
 Why a random sample of coordinates: the encoder features of SD1.5 at 512² are 6.7 M
 values a row per step; ``SKETCH_SIZE`` coordinates a module (the same ones at every
@@ -22,6 +23,7 @@ steps with guidance at SD1.5 512², whatever the size (``python bench/calibratio
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -42,6 +44,10 @@ RECORDER_HOOK = "faster_diffusion_recorder"
 #: ``key_steps="auto"``: the fewest encoder passes whose mean reuse cost per step is at most this.
 #: Chosen on the bundled model (docs/calibration.md); a model whose features move faster gets more keys.
 DEFAULT_TOLERANCE = 0.025
+#: ``validate``: the least signal-to-error ratio (dB) of the final latents against the stock run's.
+#: On the bundled model every 20-50-step schedule at >= 22 dB kept >= 99.5% of images right, and
+#: UniPC-20's tolerance schedule at 17.7 dB kept 78.5% (docs/calibration.md).
+MIN_OUTPUT_SNR_DB = 20.0
 FORMAT_VERSION = 1
 
 
@@ -159,6 +165,7 @@ class Calibration:
     latent_size: tuple[int, ...]  # (height, width) of the UNet's input; (frames, height, width) for video
     info: dict = field(default_factory=dict)  # what it was calibrated on: model, prompts, date, ...
     refined: dict[int, list[int]] = field(default_factory=dict)  # budget -> key steps refined on outputs
+    validated: list[int] | None = None  # key_steps="auto" checked on outputs (``validate``)
     path: Path | None = field(default=None, compare=False)  # the JSON file it was loaded from, if any
     # (schedules, reuse costs) of every budget, solved once: a calibrated run resolves its schedule from it
     _solved: tuple | None = field(default=None, init=False, repr=False, compare=False)
@@ -209,7 +216,8 @@ class Calibration:
         """The key steps of least reuse cost: exactly ``budget`` encoder passes, or (``tolerance``)
         the fewest passes whose mean reuse cost per step is at most ``tolerance``.
 
-        With neither, ``DEFAULT_TOLERANCE``. A budget with a refined schedule (``refine``) returns that one.
+        With neither, the schedule ``validate`` stored, else ``DEFAULT_TOLERANCE``'s. A budget with a
+        refined schedule (``refine``) returns that one.
         """
         n = self.num_steps
         if budget is not None and tolerance is not None:
@@ -218,6 +226,8 @@ class Calibration:
             if budget in self.refined:
                 return list(self.refined[budget])
             return self.least_cost_schedule(budget)
+        if tolerance is None and self.validated is not None:
+            return list(self.validated)
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         if not tolerance >= 0:
             raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
@@ -247,6 +257,7 @@ class Calibration:
             "latent_size": list(self.latent_size),
             "info": self.info,
             "refined": {str(b): list(k) for b, k in sorted(self.refined.items())},
+            **({"validated": list(self.validated)} if self.validated is not None else {}),
             "cost": [[round(float(c), 7) for c in row] for row in self.cost],
         }
 
@@ -261,6 +272,7 @@ class Calibration:
             latent_size=tuple(data["latent_size"]),
             info=data.get("info", {}),
             refined={int(b): [int(k) for k in keys] for b, keys in data.get("refined", {}).items()},
+            validated=[int(k) for k in data["validated"]] if data.get("validated") is not None else None,
         )
 
     def save(self, path) -> Path:
@@ -362,31 +374,11 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
     the stock run's on ``prompts`` (generator seeds ``seeds``, default 0, 1, ...). Returns
     ``(key_steps, report)``; the report lists the distance before and after.
     """
-    from . import disable, enable  # the package's public API; imported here to avoid a cycle
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    n = calibration.num_steps
-    call_kwargs = {"output_type": "latent", **call_kwargs}
-
-    def final_latents(key_steps):
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if key_steps is None:
-            disable(pipe)
-        else:
-            enable(pipe, key_steps=key_steps, parallel=True, noise_injection=0.0)
-        try:
-            return pipe(prompts, num_inference_steps=n, generator=generators, **call_kwargs).images
-        finally:
-            disable(pipe)
-
-    previous = getattr(pipe.unet, "_faster_diffusion", None)  # put back afterwards
     started = time.perf_counter()
-    try:
+    with _final_latents(pipe, calibration.num_steps, prompts, seeds, call_kwargs) as final_latents:
         keys, best, start, evaluations, initial = _local_search(calibration, budget, final_latents, sweeps, moves)
-    finally:
-        if previous is not None:
-            previous.enable()
     calibration.refined[budget] = keys
     report = {
         "budget": budget,
@@ -401,6 +393,68 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
     }
     calibration.info.setdefault("refinement", {})[str(budget)] = report
     return keys, report
+
+
+def validate(pipe, calibration: Calibration, prompts, seeds=None, min_snr_db: float = MIN_OUTPUT_SNR_DB, **call_kwargs):
+    """Checks ``key_steps="auto"`` on outputs and adds encoder passes until it keeps them.
+
+    The tolerance picks a schedule from how the encoder features move, but how much the images
+    move also depends on the sampler: UniPC's corrector, for one, amplifies what reused features
+    change in the last steps. From the tolerance's schedule, this tries each next budget's
+    least-reuse-cost schedule until the final latents on ``prompts`` (generator seeds ``seeds``,
+    default 0, 1, ...) are within ``min_snr_db`` of the stock run's: 10 log10(|stock|^2 / |run -
+    stock|^2). Stores it in ``calibration.validated``, which ``key_steps="auto"`` then uses.
+    An accelerator on ``pipe`` is paused meanwhile. Returns ``(key_steps, report)``.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    n = calibration.num_steps
+    calibration.validated = None  # start from the tolerance's schedule
+    initial = calibration.schedule()
+    started = time.perf_counter()
+    tried = {}
+    with _final_latents(pipe, n, prompts, seeds, call_kwargs) as final_latents:
+        stock = final_latents(None)
+        signal = float(stock.pow(2).mean())
+        for budget in range(len(initial), n + 1):
+            keys = initial if budget == len(initial) else calibration.least_cost_schedule(budget)
+            error = float((final_latents(keys) - stock).pow(2).mean()) if budget < n else 0.0
+            tried[budget] = round(float(10 * np.log10(signal / error)), 2) if error > 0 else None  # None: stock itself
+            if tried[budget] is None or tried[budget] >= min_snr_db:
+                break
+    calibration.validated = keys
+    report = {"min_snr_db": min_snr_db, "initial_key_steps": initial, "key_steps": keys, "snr_db": tried,
+              "seconds": round(time.perf_counter() - started, 1), "prompts": prompts, "seeds": seeds}  # fmt: skip
+    calibration.info["validation"] = report
+    return keys, report
+
+
+@contextlib.contextmanager
+def _final_latents(pipe, num_steps: int, prompts, seeds, call_kwargs):
+    """Yields ``final_latents(key_steps)``: the final latents of ``prompts`` accelerated with those key
+    steps (parallel, no noise injection), or stock for None. An accelerator on ``pipe`` is paused
+    meanwhile and put back afterwards."""
+    from . import disable, enable  # the package's public API; imported here to avoid a cycle
+
+    call_kwargs = {"output_type": "latent", **call_kwargs}
+
+    def final_latents(key_steps):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if key_steps is None:
+            disable(pipe)
+        else:
+            enable(pipe, key_steps=key_steps, parallel=True, noise_injection=0.0)
+        try:
+            return pipe(prompts, num_inference_steps=num_steps, generator=generators, **call_kwargs).images
+        finally:
+            disable(pipe)
+
+    previous = getattr(pipe.unet, "_faster_diffusion", None)  # put back afterwards
+    try:
+        yield final_latents
+    finally:
+        if previous is not None:
+            previous.enable()
 
 
 def _local_search(calibration: Calibration, budget: int, final_latents, sweeps: int, moves):

@@ -3,7 +3,8 @@
 A schedule is given as a *spec* and resolved against a step count:
 
 - ``"auto"``: calibrated on the model (``faster_diffusion.calibration``): the fewest
-  encoder passes whose encoder features stay within a tolerance of the stock run's.
+  encoder passes whose encoder features stay within a tolerance of the stock run's, or, where
+  the calibration was validated on outputs, whose final latents do.
 - ``"auto:B"``: calibrated, with exactly ``B`` encoder passes.
 - ``"paper"``: the paper's non-uniform schedule (dense early, sparse late).
 - ``"all"``: every step is a key step (no acceleration; equals the stock UNet).

@@ -73,3 +73,11 @@ def refine(pipe, calibration, scheduler_name: str, budget: int, height: int, wid
         return faster_diffusion.refine(
             pipe, calibration, budget, prompts, seeds=seeds(prompts), height=height, width=width, guidance_scale=GUIDANCE_SCALE
         )
+
+
+def validate(pipe, calibration, scheduler_name: str, height: int, width: int, prompts):
+    """``faster_diffusion.validate`` on the calibration prompts and seeds, with the service's scheduler."""
+    with service_scheduler(pipe, scheduler_name):
+        return faster_diffusion.validate(
+            pipe, calibration, prompts, seeds=seeds(prompts), height=height, width=width, guidance_scale=GUIDANCE_SCALE
+        )

@@ -282,3 +282,52 @@ def test_local_search_never_moves_a_key_past_the_last_step():
     keys, best, first, evaluations, initial = _local_search(calibration, len(start), final_latents, 3, (-2, -1, 1, 2))
     assert initial == start and keys[0] == 0 and max(keys) == 19 and best < first
     assert evaluations == len(seen) and any(k[-2] == 18 and k[-1] == 19 for k in seen)
+
+
+def test_validate_adds_passes_until_the_outputs_are_close_and_serves_auto(pipe, tmp_path):
+    prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+    generators = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    call = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent")
+    calibration = faster_diffusion.calibrate(pipe, prompts, STEPS, height=SIZE, width=SIZE, generator=generators())
+    initial = calibration.schedule()
+    stock = pipe(prompts, generator=generators(), **call).images
+
+    def snr_db(keys):
+        accel = faster_diffusion.enable(pipe, key_steps=keys, noise_injection=0)
+        try:
+            out = pipe(prompts, generator=generators(), **call).images
+        finally:
+            faster_diffusion.disable(pipe)
+        assert accel.stats["key_steps"] == keys
+        return 10 * np.log10(stock.pow(2).mean().item() / (out - stock).pow(2).mean().item())
+
+    # a bar between the tolerance's schedule and the next budget's, measured here
+    below, above = snr_db(initial), snr_db(calibration.least_cost_schedule(len(initial) + 1))
+    assert below < above  # the premise: one more pass brings this model's outputs closer
+    bar = (below + above) / 2
+    previous = faster_diffusion.enable(pipe, key_steps="uniform:4")
+    keys, report = faster_diffusion.validate(pipe, calibration, prompts, seeds=seeds, min_snr_db=bar, height=SIZE, width=SIZE)
+    assert pipe.unet._faster_diffusion is previous and previous.key_steps == "uniform:4"  # put back
+    faster_diffusion.disable(pipe)
+
+    budgets = sorted(report["snr_db"])
+    assert report["initial_key_steps"] == initial and budgets[0] == len(initial) and len(keys) == budgets[-1]
+    assert all(report["snr_db"][b] < bar for b in budgets[:-1]) and report["snr_db"][budgets[-1]] >= bar
+    assert report["snr_db"][len(keys)] == pytest.approx(snr_db(keys), abs=1e-2)  # the reported SNR is the real one
+    # "auto" now resolves to it, also from the file; an explicit tolerance still gets the feature schedule
+    assert calibration.schedule() == keys and calibration.schedule(tolerance=0.025) == initial
+    loaded = Calibration.load(calibration.save(tmp_path / "c.json"))
+    assert loaded.validated == keys and loaded.schedule() == keys
+    accel = faster_diffusion.enable(pipe, key_steps="auto", calibration=loaded, noise_injection=0)
+    pipe(prompts, generator=generators(), **call)
+    assert accel.stats["key_steps"] == keys
+
+
+def test_validate_with_an_unreachable_bar_ends_at_the_stock_schedule(pipe):
+    prompts = ["a red circle"]
+    calibration = faster_diffusion.calibrate(pipe, prompts, STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0))
+    before = sample(pipe)
+    keys, report = faster_diffusion.validate(pipe, calibration, prompts, min_snr_db=float("inf"), height=SIZE, width=SIZE)
+    assert keys == list(range(STEPS)) and report["snr_db"][STEPS] is None
+    assert len(report["snr_db"]) == STEPS - len(report["initial_key_steps"]) + 1  # every budget tried
+    torch.testing.assert_close(sample(pipe), before, rtol=0, atol=0)  # the pipeline is left stock
