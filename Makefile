@@ -65,4 +65,4 @@ build/tiny-shapes/training.json: $(REF)/guided/training.json
 # Retrain weights/tiny-shapes-orange-lora (the colour "orange" for the bundled model, ~9 min on 1 CPU thread)
 # and measure its adherence on 30 captions; its README.md says what it does.
 lora: setup
-	OMP_NUM_THREADS=1 $(PY) script/train-lora --minutes 9 --lr 6e-3 --orange-fraction 0.7 --check 30
+	OMP_NUM_THREADS=1 $(PY) script/train-lora --minutes 9 --lr 6e-3 --orange-fraction 0.7 --guided-weight 3 --check 30

@@ -43,13 +43,14 @@ def test_main_trains_saves_and_loads(model_dir, tmp_path):
     out = tmp_path / "lora"
     try:
         assert script.main(["--weights", str(model_dir), "--out", str(out), "--steps", "3", "--batch", "4",
-                            "--num-images", "16", "--rank", "2", "--log-every", "1"]) == 0  # fmt: skip
+                            "--num-images", "16", "--rank", "2", "--log-every", "1", "--guided-weight", "1"]) == 0  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     lora = out / "pytorch_lora_weights.safetensors"
     assert lora.is_file() and lora.stat().st_size < 5_000_000
     info = json.loads((out / "training.json").read_text())
     assert info["training"]["steps"] == 3 and np.isfinite(info["training"]["loss_ema"])
+    assert info["guided_weight"] == 1 and info["guided_t_max"] == 300
     card = (out / "README.md").read_text()
     assert "script/train-lora --weights" in card and "3 steps" in card
 
