@@ -74,7 +74,7 @@ class Predictor(BaseRunner):
         self.calibration_prompts = calibrations.calibration_prompts(resolved.path)
         self.calibrations = []  # made by this server: at setup for the defaults, then on first use
         if not self.is_controlnet:  # a ControlNet pipeline needs a control image: its first run calibrates
-            self._calibrate(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.native_size, self.native_size, "at setup")
+            self._calibrate(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.native_size, self.native_size, "at setup", validate=True)
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         print(
@@ -83,10 +83,11 @@ class Predictor(BaseRunner):
             flush=True,
         )
 
-    def _calibrate(self, scheduler: str, steps: int, width: int, height: int, when: str) -> None:
+    def _calibrate(self, scheduler: str, steps: int, width: int, height: int, when: str, validate: bool = False) -> None:
         """key_steps="auto" needs a calibration of the sampler, step count and size. The model directory
         may ship it (script/calibrate); otherwise it is made here, once, with fixed prompts and seeds
-        (one stock run), so that the same request always gets the same schedule and the same images."""
+        (one stock run), so that the same request always gets the same schedule and the same images.
+        ``validate`` also checks it on outputs (a few more runs: at setup, not at a request)."""
         timesteps = make_scheduler(scheduler, self.base_config)
         timesteps.set_timesteps(steps)
         name, latent = type(timesteps).__name__, (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
@@ -94,7 +95,7 @@ class Predictor(BaseRunner):
             return
         started = time.perf_counter()
         calibration = calibrations.calibrate(self.pipe, scheduler, steps, height, width, self.calibration_prompts)
-        if when == "at setup":  # checked on outputs too (several more runs); a first use only calibrates
+        if validate:
             calibrations.validate(self.pipe, calibration, scheduler, height, width, self.calibration_prompts)
         calibration.info["source"] = f"calibrated {when}"
         self.calibrations.append(calibration)

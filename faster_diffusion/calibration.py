@@ -409,17 +409,19 @@ def validate(pipe, calibration: Calibration, prompts, seeds=None, min_snr_db: fl
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     n = calibration.num_steps
-    calibration.validated = None  # start from the tolerance's schedule
-    initial = calibration.schedule()
+    initial = calibration.schedule(tolerance=DEFAULT_TOLERANCE)  # not an earlier validation's
     started = time.perf_counter()
-    tried = {}
+    tried = {}  # budget -> SNR (dB); None: every step a key, the stock run itself
     with _final_latents(pipe, n, prompts, seeds, call_kwargs) as final_latents:
         stock = final_latents(None)
         signal = float(stock.pow(2).mean())
         for budget in range(len(initial), n + 1):
-            keys = initial if budget == len(initial) else calibration.least_cost_schedule(budget)
-            error = float((final_latents(keys) - stock).pow(2).mean()) if budget < n else 0.0
-            tried[budget] = round(float(10 * np.log10(signal / error)), 2) if error > 0 else None  # None: stock itself
+            keys = calibration.least_cost_schedule(budget)
+            if budget == n:
+                tried[budget] = None
+                break
+            error = float((final_latents(keys) - stock).pow(2).mean())
+            tried[budget] = round(float(10 * np.log10(signal / error)), 2) if error > 0 else None
             if tried[budget] is None or tried[budget] >= min_snr_db:
                 break
     calibration.validated = keys

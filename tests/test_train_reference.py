@@ -56,8 +56,6 @@ def test_v_prediction_target_recovers_the_image_even_from_pure_noise():
 
 
 def test_guided_loss_is_the_guided_prediction_error_on_selected_samples_only():
-    from types import SimpleNamespace
-
     from tiny_pipelines import tiny_text_encoder, tiny_tokenizer, tiny_unet
 
     train = load_script()
@@ -68,18 +66,17 @@ def test_guided_loss_is_the_guided_prediction_error_on_selected_samples_only():
     noisy, target = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
     t = torch.tensor([10, 50, 150, 700])
     sel = torch.tensor([True, False, True, False])
-    args = SimpleNamespace(guided_scale=7.5)
     null = text_encoder(ids_null).last_hidden_state.expand(4, -1, -1)
     uncond = unet(noisy, t, null).sample
     cond = unet(noisy, t, text_encoder(ids_caption).last_hidden_state).sample
 
-    loss = train.guided_loss(unet, text_encoder, ids_null, noisy, t, cond, target, sel, args)
+    loss = train.guided_loss(unet, text_encoder, ids_null, noisy, t, cond, target, sel, 7.5)
 
     assert loss.shape == (4,) and (loss[~sel] == 0).all()
     guided = uncond + 7.5 * (cond - uncond)
     torch.testing.assert_close(loss[sel], ((guided - target) ** 2).mean((1, 2, 3))[sel] / 7.5**2)
     # where the caption changes nothing, the guided prediction is the plain one (the optimum is unchanged)
-    same = train.guided_loss(unet, text_encoder, ids_null, noisy, t, uncond, target, sel, args)
+    same = train.guided_loss(unet, text_encoder, ids_null, noisy, t, uncond, target, sel, 7.5)
     torch.testing.assert_close(same[sel], ((uncond - target) ** 2).mean((1, 2, 3))[sel] / 7.5**2)
     # and it trains the unconditional branch too, through the null caption
     loss.sum().backward()

@@ -1,7 +1,7 @@
 """Why DPM-Solver++-20 gets colours wrong on a small model where DDIM and Euler do not.
 
     .venv/bin/python docs/reference-model-training/dpm_colour.py [MODEL]      # default weights/tiny-shapes
-    .venv/bin/python docs/reference-model-training/dpm_colour.py MODEL --variants --vae VAE_DIR [VAE_DIR ...]
+    .venv/bin/python docs/reference-model-training/dpm_colour.py MODEL --variants --reuse --vae VAE_DIR [VAE_DIR ...]
 
 1. Colour adherence of DPM-Solver++(2M)-20 at guidance 7.5, and the same run with the guidance
    lowered for the last steps only (a diagnostic, not a recipe): if the colour comes back,
@@ -9,7 +9,9 @@
 2. On fresh renders noised to t, the x0 error of the conditional, unconditional and guided
    (7.5) predictions, and the RMS of cond - uncond, which guidance multiplies by 6.5.
 3. ``--variants``: colour adherence of other samplers, step counts, guidance scales and
-   DPM-Solver options on the same 60 captions (the sweep in README.md).
+   DPM-Solver and UniPC options on the same 60 captions (the sweep in README.md).
+   ``--reuse``: UniPC-20 under faster-diffusion with every step a key step but the ones named,
+   to find the steps whose reused encoder features the corrector amplifies.
 4. ``--vae DIR ...``: how far apart each VAE puts the six colours (RMS distance of scaled latents
    of the same shape and position, unjittered renders, 3 shapes x left and centre).
 """
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import diffusers  # noqa: E402
+import faster_diffusion  # noqa: E402
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
 
 from faster_diffusion.quality import shapes  # noqa: E402
@@ -33,6 +36,7 @@ from faster_diffusion.quality import shapes  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("model", nargs="?", default=str(ROOT / "weights" / "tiny-shapes"))
 parser.add_argument("--variants", action="store_true")
+parser.add_argument("--reuse", action="store_true")
 parser.add_argument("--vae", nargs="*", default=[])
 args = parser.parse_args()
 torch.set_num_threads(2)
@@ -83,11 +87,21 @@ with torch.no_grad():
               f"      | {rms(x0['cond'] - x0['uncond']):.3f}")
 
 
-def colour_right(scheduler: str, steps: int, guidance: float = 7.5, guidance_rescale: float = 0.0, **config) -> float:
+def colour_right(scheduler: str, steps: int, guidance: float = 7.5, guidance_rescale: float = 0.0, key_steps=None, **config) -> str:
+    """Colour adherence on the 60 captions (and how many images are not finite, if any); with
+    ``key_steps``, under faster-diffusion as the service runs it (parallel, noise injection 0.003)."""
     pipe.scheduler = getattr(diffusers, f"{scheduler}Scheduler").from_config(base_config, **config)
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale, output_type="np",
-                  generator=[torch.Generator().manual_seed(500 + i) for i in range(len(prompts))]).images  # fmt: skip
-    return float(np.mean([shapes.detect(im).attributes[0] == shapes.parse_caption(p)[0] for im, p in zip(images, prompts)]))
+    if key_steps is not None:
+        faster_diffusion.enable(pipe, key_steps=key_steps, parallel=True, noise_injection=0.003)
+    try:
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale, output_type="np",
+                      generator=[torch.Generator().manual_seed(500 + i) for i in range(len(prompts))]).images  # fmt: skip
+    finally:
+        faster_diffusion.disable(pipe)
+    bad = int((~np.isfinite(images).reshape(len(images), -1).all(1)).sum())
+    images = np.nan_to_num(images)
+    right = np.mean([shapes.detect(im).attributes[0] == shapes.parse_caption(p)[0] for im, p in zip(images, prompts)])
+    return f"colour {right:.3f}" + (f" ({bad} images not finite)" if bad else "")
 
 
 base_config = pipe.scheduler.config
@@ -107,8 +121,19 @@ if args.variants:
         ("DPM-Solver++-30", dict(scheduler="DPMSolverMultistep", steps=30, **dpm)),
         ("DPM-Solver++-40", dict(scheduler="DPMSolverMultistep", steps=40, **dpm)),
         ("UniPC-20", dict(scheduler="UniPCMultistep", steps=20)),
+        ("UniPC-20, no corrector", dict(scheduler="UniPCMultistep", steps=20, disable_corrector=list(range(20)))),
+        ("UniPC-20, no corrector at steps 17-18", dict(scheduler="UniPCMultistep", steps=20, disable_corrector=[17, 18])),
+        ("UniPC-20, guidance 5", dict(scheduler="UniPCMultistep", steps=20, guidance=5.0)),
+        ("UniPC-30", dict(scheduler="UniPCMultistep", steps=30)),
+        ("UniPC-20, solver_type bh1", dict(scheduler="UniPCMultistep", steps=20, solver_type="bh1")),
+        ("UniPC-20, solver_type bh1, final_sigmas_type sigma_min",
+         dict(scheduler="UniPCMultistep", steps=20, solver_type="bh1", final_sigmas_type="sigma_min")),
     ]:
-        print(f"{label}: colour {colour_right(**run):.3f}", flush=True)
+        print(f"{label}: {colour_right(**run)}", flush=True)
+if args.reuse:
+    for reused in ([1], [4], [18], [19], [18, 19], [1, 4, 19]):
+        keys = [k for k in range(20) if k not in reused]
+        print(f"UniPC-20, encoder reused at steps {reused}: {colour_right('UniPCMultistep', 20, key_steps=keys)}", flush=True)
 
 for path in args.vae:
     vae = AutoencoderKL.from_pretrained(path)
