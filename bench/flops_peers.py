@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""UNet FLOPs per image of faster-diffusion, DeepCache and ToMe on SD1.5 (issue #13).
+"""UNet FLOPs per image of faster-diffusion, DeepCache and ToMe on SD1.5 (added 2026-11-29, 6dce525).
 
 Same convention as ``bench/flops.py`` (whose functions this uses): the UNet is built
 from its public config on the meta device, ``FlopCounterMode`` counts every
