@@ -1,28 +1,14 @@
-"""The service's samplers: name (the `scheduler` input) -> diffusers scheduler class and config overrides.
+"""The service's samplers: the names the `scheduler` input offers.
 
-One table for the predictor and script/calibrate, so a shipped calibration is made with
-exactly the scheduler (and so the timesteps) that the predictor runs.
+The table itself (name -> diffusers scheduler class and config overrides) is
+``faster_diffusion.samplers``, shared with script/calibrate, bench/ and the quality
+harness, so a shipped calibration is made with exactly the scheduler (and so the
+timesteps) that the predictor runs.
 """
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from faster_diffusion.samplers import make_scheduler
 
-SCHEDULERS = {
-    "DDIM": (DDIMScheduler, {}),
-    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "EulerDiscrete": (EulerDiscreteScheduler, {}),
-    "EulerAncestralDiscrete": (EulerAncestralDiscreteScheduler, {}),
-    "UniPC": (UniPCMultistepScheduler, {}),
-    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
-}
+#: the `scheduler` input's choices, in the order the schema lists them
+SCHEDULERS = ("DDIM", "DPMSolverMultistep", "EulerDiscrete", "EulerAncestralDiscrete", "UniPC", "PNDM")
 
-
-def make_scheduler(name: str, base_config):
-    cls, overrides = SCHEDULERS[name]
-    return cls.from_config(base_config, **overrides)
+__all__ = ["SCHEDULERS", "make_scheduler"]

@@ -3,30 +3,13 @@
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 from tiny_pipelines import tiny_sd
 
 import faster_diffusion
+from faster_diffusion.samplers import make_scheduler
 
 SIZE = 32  # pixels; 16x16 latents with the tiny VAE
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-}
+SCHEDULERS = ["ddim", "dpmsolver++", "dpmsolver", "euler", "euler_ancestral", "unipc", "pndm", "lms"]  # samplers.py aliases
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +18,7 @@ def pipe():
 
 
 def use_scheduler(pipe, name):
-    cls, kwargs = SCHEDULERS[name]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
 
 
 def sample(pipe, prompt="a red square in the center", steps=12, seed=0, **kwargs):
@@ -70,7 +52,7 @@ def test_all_keys_equals_stock(pipe, scheduler):
         assert accel.stats["encoder_passes"] == accel.stats["decoder_passes"] == 12
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_parallel_equals_sequential(pipe, scheduler):
     use_scheduler(pipe, scheduler)
     faster_diffusion.enable(pipe, key_steps="paper", parallel=False, noise_injection=0.003)

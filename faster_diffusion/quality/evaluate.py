@@ -67,15 +67,15 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
     "unipc": ("unipc", None),
     "unipc-auto": ("unipc", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
 }
-#: sampler -> (display name, diffusers scheduler class, config overrides, default steps)
+#: sampler (an alias in faster_diffusion.samplers) -> (display name, default steps)
 SAMPLERS = {
-    "ddim": ("DDIM", "DDIMScheduler", {}, 50),
-    "dpm": ("DPM-Solver++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, 20),
-    "euler": ("Euler", "EulerDiscreteScheduler", {}, 30),
-    "unipc": ("UniPC", "UniPCMultistepScheduler", {}, 20),
+    "ddim": ("DDIM", 50),
+    "dpm": ("DPM-Solver++", 20),
+    "euler": ("Euler", 30),
+    "unipc": ("UniPC", 20),
 }
 SAMPLER_NAMES = {k: v[0] for k, v in SAMPLERS.items()}
-DEFAULT_STEPS = {k: v[3] for k, v in SAMPLERS.items()}
+DEFAULT_STEPS = {k: v[1] for k, v in SAMPLERS.items()}
 
 
 def prompt_set(num_prompts: int, seeds: int) -> list[tuple[str, int]]:
@@ -98,10 +98,9 @@ def _label(name: str, steps: dict[str, int]) -> str:
 
 def _scheduler(pipe, sampler: str):
     """The sampler's scheduler on the model's own config (prediction type, betas, timestep spacing)."""
-    import diffusers
+    from faster_diffusion.samplers import make_scheduler
 
-    _, cls, overrides, _ = SAMPLERS[sampler]
-    return getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
+    return make_scheduler(sampler, pipe.scheduler.config)
 
 
 def _shipped_calibration(pipe, num_steps: int):
@@ -415,7 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=100, help="captions (of the 90, in a fixed shuffled order, cycled)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
     ap.add_argument("--settings", default="all", help=f"comma-separated subset of: {', '.join(SETTINGS)}")
-    for sampler, (name, _, _, default) in SAMPLERS.items():
+    for sampler, (name, default) in SAMPLERS.items():
         ap.add_argument(f"--{sampler}-steps", type=int, default=default, help=f"{name} steps")
     ap.add_argument("--batch-size", type=int, default=100, help="prompts per pipeline call")
     ap.add_argument("--threads", type=int, default=2)
