@@ -35,4 +35,6 @@ COPY weights /src/weights
 
 ENV COG_PREDICT_TYPE_STUB=predict.py:Predictor
 EXPOSE 5000
-CMD ["python", "-m", "cog.server.http"]
+# coglet behind a guard that refuses prediction ids coglet 0.23.1 cannot handle and restarts it if it
+# wedges (service/serve.py, docs/service.md); `make serve` runs the same.
+CMD ["python", "-m", "service.serve"]

@@ -17,11 +17,11 @@ test: setup
 generate: setup
 	$(PY) script/generate --prompt "$(PROMPT)" $(ARGS)
 
-# The Cog HTTP API (coglet) on $(HOST):$(PORT), without Docker. The worker it spawns runs
-# `python` from PATH, hence the venv first on PATH.
+# The Cog HTTP API on $(HOST):$(PORT), without Docker: coglet behind service/serve.py's guard
+# (the Dockerfile's CMD too). coglet's worker runs `python` from PATH, hence the venv first on PATH.
 serve: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
-		python -m cog.server.http --host $(HOST)
+		python -m service.serve --host $(HOST)
 
 # Regenerate .cog/openapi_schema.json after changing predict.py's inputs.
 schema:
