@@ -10,8 +10,8 @@ loopback port and forwards every request to it byte for byte, except that it
   fails (a NUL byte, a name over 255 bytes) the prediction slot is never freed and every later
   prediction gets 409 for the life of the process; an id such as ``../../x`` makes directories
   outside its own (docs/service.md);
-* restarts coglet when it logs that a slot was dropped while in use (the same wedge from any other
-  cause, a full disk say). Requests meanwhile get 503.
+* restarts coglet when it logs that a prediction slot is lost (dropped while in use, or poisoned):
+  the same wedge from any other cause, a full disk say. Requests meanwhile get 503.
 
 It exits with coglet's exit status when coglet exits by itself, and hands SIGTERM / SIGINT on to it.
 Each forwarded request gets ``Connection: close``; bodies other than a new prediction's stream through.
@@ -32,7 +32,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 VALID_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 ID_IN_PATH = re.compile(rb"/(?:predictions|trainings)/([^/]*)")
 CREATES = re.compile(rb"/(?:predictions|trainings)(?:/[^/]*)?/?")  # POST /predictions, PUT /predictions/{id}
-WEDGED = b"Slot dropped while InUse"  # coglet's log line when a prediction slot is lost for good
+# coglet's log lines when a prediction slot is lost for good (with one slot: every prediction gets 409)
+WEDGED = (b"Slot dropped while InUse", b"Slot poisoned")
 MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a new prediction's JSON body is read whole to check its "id"
 HEAD_TIMEOUT = 60  # seconds to send the request line and headers
@@ -123,9 +124,9 @@ class Guard:
             while chunk := await self.proc.stdout.read(65536):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
-                if WEDGED in tail + chunk:
+                if any(line in tail + chunk for line in WEDGED):
                     break
-                tail = chunk[-len(WEDGED):]
+                tail = chunk[-max(map(len, WEDGED)):]
             else:  # coglet exited by itself (or by a signal we passed on)
                 return await self.proc.wait()
             if self.stopping:
