@@ -31,7 +31,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 VALID_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 ID_IN_PATH = re.compile(rb"/(?:predictions|trainings)/([^/]*)")
-CREATES = re.compile(rb"/(?:predictions|trainings)(?:/[^/]*)?/?")  # POST /predictions, PUT /predictions/{id}
+# the requests that create a prediction (or training), whose JSON body may carry an "id"
+CREATES = {b"POST": re.compile(rb"/(?:predictions|trainings)/?"), b"PUT": re.compile(rb"/(?:predictions|trainings)/[^/]+/?")}
 # coglet's log lines when a prediction slot is lost for good (with one slot: every prediction gets 409)
 WEDGED = (b"Slot dropped while InUse", b"Slot poisoned")
 MAX_HEAD = 64 * 1024
@@ -87,6 +88,7 @@ class Guard:
         self.port = 0
         self.restarting = False
         self.stopping = False  # a signal came: coglet's exit is ours, no restart
+        self.handlers: set[asyncio.Task] = set()
 
     # -- coglet -------------------------------------------------------------------------------------------
 
@@ -140,12 +142,15 @@ class Guard:
     # -- the front ----------------------------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.handlers.add(task)  # asyncio keeps only weak references to a connection's task
         try:
             await self.forward(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
             pass
         finally:
             writer.close()
+            self.handlers.discard(task)
 
     async def forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
@@ -162,7 +167,7 @@ class Guard:
             return await writer.drain()
 
         body = b""
-        if method in (b"POST", b"PUT") and CREATES.fullmatch(path):  # a new prediction: check the body's id
+        if method in CREATES and CREATES[method].fullmatch(path):  # a new prediction: check the body's id
             headers, body = await read_body(reader, writer, headers)
             if body is None:
                 writer.write(response("413 Content Too Large", {"error": f"a prediction body is at most {MAX_BODY} bytes"}))
@@ -181,10 +186,12 @@ class Guard:
 
         up_writer.write(b"\r\n".join([request_line, *headers, b"Connection: close", b"", b""]) + body)
         upload = asyncio.ensure_future(pipe(reader, up_writer))  # the rest of a streamed body, if any
-        try:
-            await pipe(up_reader, writer)
+        download = asyncio.ensure_future(pipe(up_reader, writer))
+        try:  # done when coglet has answered, or when the client hangs up (coglet then sees us hang up too)
+            await asyncio.wait([upload, download], return_when=asyncio.FIRST_COMPLETED)
         finally:
             upload.cancel()
+            download.cancel()
             up_writer.close()
 
 
