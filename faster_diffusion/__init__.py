@@ -6,7 +6,9 @@
     accel.stats                     # encoder / decoder passes of the last call
     faster_diffusion.disable(pipe)  # the stock pipeline again
 
-Important args: ``key_steps`` (which steps run the UNet encoder; ``"auto"`` calibrates
+Important args: ``plan`` (``"auto"`` / ``"auto:T"``: the level of reuse of every step, chosen
+from the model's calibration and this device's costs; see ``faster_diffusion.plan``), or
+``key_steps`` (encoder propagation: which steps run the UNet encoder; ``"auto"`` calibrates
 them on the model, see ``faster_diffusion.calibrate``) and ``parallel``
 (run the decoders of a key step's group as one batch). Args to tinker with:
 ``max_parallel`` (steps per decoder batch, bounds memory), ``noise_injection``
@@ -14,38 +16,37 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 ``noise_injection * z_T`` to the latent at steps with t below the threshold).
 """
 
-from .accelerator import FasterDiffusion
-from .calibration import Calibration, calibrate, refine, validate
+from .accelerator import AcceleratorConfig, FasterDiffusion
+from .calibration import Calibration, calibrate, refine, validate, validate_plan
+from .plan import ErrorModel, CostModel, frontier, parse_plan, plan_letters
 from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
-from .unet_split import SUPPORTED_UNETS
+from .unet_split import LEVELS, SUPPORTED_UNETS
 
 __all__ = [
-    "FasterDiffusion", "enable", "disable", "calibrate", "refine", "validate", "Calibration",
+    "FasterDiffusion", "AcceleratorConfig", "enable", "disable", "calibrate", "refine", "validate", "validate_plan",
+    "Calibration", "ErrorModel", "CostModel", "frontier", "parse_plan", "plan_letters", "LEVELS",
     "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
 ]
 
 
-def enable(
-    pipe,
-    key_steps="paper",
-    parallel: bool = True,
-    max_parallel: int | None = None,
-    noise_injection: float = 0.003,
-    noise_injection_timestep: float = 500,
-    calibration=None,
-) -> FasterDiffusion:
+def enable(pipe, calibration=None, **options) -> FasterDiffusion:
     """Accelerates ``pipe`` (a diffusers pipeline whose ``unet`` is a UNet2DConditionModel, UNet3DConditionModel
-    or UNetMotionModel, or the UNet itself).
+    or UNetMotionModel, or the UNet itself). ``options`` are ``AcceleratorConfig``'s: ``key_steps``,
+    ``plan``, ``parallel``, ``max_parallel``, ``noise_injection``, ``noise_injection_timestep``.
 
-    ``key_steps="auto"`` / ``"auto:B"`` take the schedule from ``calibration`` (a ``Calibration``,
-    its JSON path, or a list of them; the first that matches the run's scheduler, timesteps and
-    size), else from the model directory's ``calibration/*.json``, else the first run is a stock
-    run that calibrates (``accel.calibrations`` keeps the result). Enabling an already accelerated pipeline replaces its settings. Returns the
-    accelerator; use it as a context manager to disable on exit.
+    ``key_steps="auto"`` / ``"auto:B"`` and ``plan="auto"`` / ``"auto:T"`` take the schedule from ``calibration``
+    (a ``Calibration``, its JSON path, or a list of them; the first that matches the run's scheduler,
+    timesteps and size), else from the model directory's ``calibration/*.json``, else the first run is
+    a stock run that calibrates (``accel.calibrations`` keeps the result). Enabling an already
+    accelerated pipeline replaces its settings. Returns the accelerator; use it as a context manager to
+    disable on exit.
     """
+    unknown = sorted(set(options) - set(AcceleratorConfig.options()))
+    if unknown:
+        raise TypeError(f"faster_diffusion.enable: unknown options {unknown}; accepted: {list(AcceleratorConfig.options())}")
+    config = AcceleratorConfig(**options)  # a bad option fails here, before the pipeline is touched
     disable(pipe)
-    accel = FasterDiffusion(pipe, key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep, calibration)
-    return accel.enable()
+    return FasterDiffusion(pipe, config, calibration).enable()
 
 
 def disable(pipe) -> None:

@@ -21,6 +21,11 @@ ends, even if the loop raises. Inside a run:
 - prior noise injection adds ``noise_injection * z_T`` to the (variance-preserving) latent
   after each scheduler step whose *next* timestep is below ``noise_injection_timestep``.
 
+With ``plan`` instead of ``key_steps``, every step has a level of reuse (``unet_split.LEVELS``: full,
+encoder, shallow, deep); ``plan="auto"`` / ``"auto:T"`` are chosen at the first UNet call from the
+calibration's error model and this device's cost model, measured then on the run's own inputs
+(``faster_diffusion.plan``). Key steps are the plan of full and encoder steps.
+
 A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
 """
 
@@ -28,40 +33,93 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .calibration import Calibration, FeatureRecorder, run_info
+from .calibration import CALIBRATION_DIR, Calibration, FeatureRecorder, run_info, shipped_calibrations  # noqa: F401
+from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
+    DECODER_REPLAYING,
+    ENCODER,
     ENCODER_HOOK,
+    FULL,
     SUPPORTED_UNETS,
-    EncoderCacheHook,
-    EncoderMode,
     ModelHook,
+    ReplayHook,
+    StepMode,
     add_hook,
     as_float,
     bind_unet_call,
-    encoder_modules,
     frames_per_row,
     remove_hook,
+    replayed_modules,
     repeat_batch,
+    supported_levels,
 )
 
 UNET_HOOK = "faster_diffusion_unet"
 CONTROLNET_HOOK = "faster_diffusion_controlnet"
-CALIBRATION_DIR = "calibration"  # in a model directory: calibration/*.json, made by script/calibrate
 logger = logging.getLogger("faster_diffusion")
+#: decoder-group sizes the cost model times (others are interpolated)
+TIMED_GROUPS = (1, 2, 4, 8)
+#: cost models measured in this process: UNet -> {(sample shape, dtype, device): CostModel}; every accelerator
+#: of a UNet shares them, so that enabling one again does not measure again
+_COST_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class AcceleratorConfig:
+    """The accelerator's options, their defaults written once (``enable`` and ``set_params`` take them).
+
+    ``key_steps``: encoder propagation at these key steps (``schedules``; default ``"paper"``).
+    ``plan``: instead, a level of reuse for every step: ``"auto"``, ``"auto:T"`` or explicit (``plan``).
+    ``parallel``: run the decoders of a full step and the encoder-propagated steps after it as one batch.
+    ``max_parallel``: at most this many steps per decoder batch (bounds memory); None = a whole group.
+    ``noise_injection`` / ``noise_injection_timestep``: prior noise injection; None = 0.003 with key steps
+    (the paper's), 0 with a plan (plans are chosen for fidelity to the stock images)."""
+
+    key_steps: object = None
+    plan: object = None
+    parallel: bool = True
+    max_parallel: int | None = None
+    noise_injection: float | None = None
+    noise_injection_timestep: float = 500
+
+    def __post_init__(self):
+        if self.plan is not None and self.key_steps is not None:
+            raise ValueError(f"plan={self.plan!r} and key_steps={self.key_steps!r}: give one of them, not both")
+        if self.plan is not None:
+            parse_plan(self.plan)
+        else:
+            self.key_steps = "paper" if self.key_steps is None else self.key_steps
+            parse_key_steps(self.key_steps)
+        if self.max_parallel is not None and (isinstance(self.max_parallel, bool) or not isinstance(self.max_parallel, int) or self.max_parallel < 1):
+            raise ValueError(f"max_parallel={self.max_parallel!r} must be None or an integer >= 1")
+        if self.noise_injection is None:
+            self.noise_injection = 0.0 if self.plan is not None else 0.003
+        if not 0 <= float(self.noise_injection) <= 1:
+            raise ValueError(f"noise_injection={self.noise_injection!r} must lie in [0, 1]")
+        self.noise_injection = float(self.noise_injection)
+        self.noise_injection_timestep = float(self.noise_injection_timestep)
+        self.parallel = bool(self.parallel)
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
 
 @dataclass
 class _Run:
-    """State of one denoising run. Timesteps are resolved at the first UNet call if not given."""
+    """State of one denoising run. Timesteps and levels are resolved at the first UNet call if not given."""
 
     num_steps: int
-    key_steps: set | None  # None until a calibrated schedule is resolved at the first UNet call
+    levels: list | None  # the level of every step; None until resolved at the first UNet call
     timesteps: list | None = None
     schedule_source: str = ""
     recorder: FeatureRecorder | None = None  # set when this run calibrates
@@ -70,73 +128,71 @@ class _Run:
     output_class: type | None = None  # the UNet's own output class, for the steps answered from `precomputed`
     initial_latent: torch.Tensor | None = None
     scheduler_steps: int = 0
-    encoder_passes: int = 0
-    decoder_passes: int = 0
-    unet_calls: int = 0
+    calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call
     controlnet_passes: int = 0
+    cost: CostModel | None = None  # this device's cost model, for plans
+    predicted_speedup: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+    measuring: float = 0.0  # seconds spent measuring the cost model, not part of the loop's time
+
+    @property
+    def key_steps(self) -> list[int]:
+        return [i for i, level in enumerate(self.levels or ()) if level == FULL]
 
 
 class FasterDiffusion:
-    """Encoder propagation on a diffusers pipeline (or a bare UNet). Create it with ``faster_diffusion.enable``."""
+    """Encoder propagation and deeper reuse on a diffusers pipeline (or a bare UNet). Create it with
+    ``faster_diffusion.enable``."""
 
-    def __init__(
-        self,
-        pipe_or_unet,
-        key_steps="paper",
-        parallel: bool = True,
-        max_parallel: int | None = None,
-        noise_injection: float = 0.003,
-        noise_injection_timestep: float = 500,
-        calibration=None,
-    ):
+    def __init__(self, pipe_or_unet, config: AcceleratorConfig | None = None, calibration=None):
         self.pipe = None if isinstance(pipe_or_unet, SUPPORTED_UNETS) else pipe_or_unet
         self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
         if not isinstance(self.unet, SUPPORTED_UNETS):
             found = type(pipe_or_unet).__name__ if self.pipe is None else f"{type(self.pipe).__name__}.unet of type {type(self.unet).__name__}"
             names = ", ".join(cls.__name__ for cls in SUPPORTED_UNETS)
             raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` is one of {names}, or the UNet itself; got {found}")
-        self.set_params(key_steps, parallel, max_parallel, noise_injection, noise_injection_timestep)
+        self.config = config or AcceleratorConfig()
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
-        self._model_calibrations: list[Calibration] | None = None  # read on first need
+        self.cost_models: dict[tuple, CostModel] = _COST_MODELS.setdefault(self.unet, {})  # measured on this device
         self.stats: dict = {}
         self._run: _Run | None = None
-        self._mode = EncoderMode()
-        self._cache_hooks: list[ModelHook] = []  # ControlNet hooks holding per-run caches
-        self._encoder: list[tuple[torch.nn.Module, ModelHook]] = []  # the hooked encoder modules
-        self._controlnets: list[torch.nn.Module] = []
+        self._mode = StepMode()
+        self._replay_hooks: list[tuple[torch.nn.Module, ReplayHook]] = []
+        self._controlnets: list[tuple[torch.nn.Module, "_ControlNetHook"]] = []
+        self._saved_progress_bar = None  # the instance attribute enable() shadows, if the pipeline had one
         self._enabled = False
+
+    # the options, read through the config
+    key_steps = property(lambda self: self.config.key_steps)
+    plan = property(lambda self: self.config.plan)
+    parallel = property(lambda self: self.config.parallel)
+    max_parallel = property(lambda self: self.config.max_parallel)
+    noise_injection = property(lambda self: self.config.noise_injection)
+    noise_injection_timestep = property(lambda self: self.config.noise_injection_timestep)
 
     # -- configuration -------------------------------------------------------------------------------------------
 
-    def set_params(self, key_steps="paper", parallel=True, max_parallel=None, noise_injection=0.003, noise_injection_timestep=500):
-        """Validates and sets the acceleration parameters (takes effect at the next run)."""
-        parse_key_steps(key_steps)
-        if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
-            raise ValueError(f"max_parallel={max_parallel!r} must be None or an integer >= 1")
-        if not 0 <= float(noise_injection) <= 1:
-            raise ValueError(f"noise_injection={noise_injection!r} must lie in [0, 1]")
-        self.key_steps = key_steps
-        self.parallel = bool(parallel)
-        self.max_parallel = max_parallel
-        self.noise_injection = float(noise_injection)
-        self.noise_injection_timestep = float(noise_injection_timestep)
+    def set_params(self, **options) -> None:
+        """Validates and sets options of ``AcceleratorConfig`` (takes effect at the next run); the others
+        keep their defaults, as with ``enable``."""
+        self.config = AcceleratorConfig(**options)
 
     # -- install / remove ------------------------------------------------------------------------------------------
 
     def enable(self) -> "FasterDiffusion":
         if self._enabled:
             return self
-        self._hook_encoder()
+        self._hook_modules()
         add_hook(self.unet, _UNetHook(self), UNET_HOOK)
         controlnet = getattr(self.pipe, "controlnet", None)
         if controlnet is not None:
             hook = _ControlNetHook(self)
             add_hook(controlnet, hook, CONTROLNET_HOOK)
-            self._controlnets = [controlnet]
-            self._cache_hooks.append(hook)
+            self._controlnets = [(controlnet, hook)]
         if self.pipe is not None:
-            # Instance attribute shadowing DiffusionPipeline.progress_bar; removed by disable().
+            # An instance attribute shadowing DiffusionPipeline.progress_bar; disable() puts back what was there.
+            self._saved_progress_bar = self.pipe.__dict__.get("progress_bar")
             self.pipe.progress_bar = self._progress_bar
         self.unet._faster_diffusion = self
         self._enabled = True
@@ -147,32 +203,34 @@ class FasterDiffusion:
         if not self._enabled:
             return
         self._end_run()
-        self._unhook_encoder()
+        self._unhook_modules()
         remove_hook(self.unet, UNET_HOOK)
-        for controlnet in self._controlnets:
+        for controlnet, _ in self._controlnets:
             remove_hook(controlnet, CONTROLNET_HOOK)
         if self.pipe is not None:
-            self.pipe.__dict__.pop("progress_bar", None)
+            del self.pipe.progress_bar
+            if self._saved_progress_bar is not None:
+                self.pipe.progress_bar = self._saved_progress_bar
         self.unet.__dict__.pop("_faster_diffusion", None)
-        self._cache_hooks, self._controlnets = [], []
+        self._controlnets, self._saved_progress_bar = [], None
         self._enabled = False
 
-    def _hook_encoder(self) -> None:
-        """Hooks the UNet's encoder modules. Called by enable() and at every run: a LoRA loaded or
+    def _hook_modules(self) -> None:
+        """Hooks every module some level replays. Called by enable() and at every run: a LoRA loaded or
         unloaded since may have swapped one (peft wraps a targeted conv_in in a new module)."""
-        modules = encoder_modules(self.unet)
-        if [module for module, _ in self._encoder] == modules:
+        modules = replayed_modules(self.unet)
+        if [module for module, _ in self._replay_hooks] == list(modules):
             return
-        self._unhook_encoder()
-        for module in modules:
-            hook = EncoderCacheHook(self._mode)
+        self._unhook_modules()
+        for module, (replayed_at, shared) in modules.items():
+            hook = ReplayHook(self._mode, replayed_at, shared)
             add_hook(module, hook, ENCODER_HOOK)
-            self._encoder.append((module, hook))
+            self._replay_hooks.append((module, hook))
 
-    def _unhook_encoder(self) -> None:
-        for module, _ in self._encoder:
+    def _unhook_modules(self) -> None:
+        for module, _ in self._replay_hooks:
             remove_hook(module, ENCODER_HOOK)
-        self._encoder = []
+        self._replay_hooks = []
 
     def __enter__(self):
         return self
@@ -192,28 +250,45 @@ class FasterDiffusion:
             raise RuntimeError("faster_diffusion: denoising runs cannot be nested")
         if timesteps is None and self.pipe is None:
             raise ValueError("faster_diffusion: denoising_run(timesteps) needs the loop's timesteps on a bare UNet")
-        self._hook_encoder()
+        self._hook_modules()
         if timesteps is not None:
             timesteps = list(timesteps)
             num_steps = len(timesteps)
         else:  # SD-family pipelines set _num_timesteps just before their loop
             num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
-        # Resolving the schedule here makes a bad one fail before any sampling step; a calibrated one
+        # Resolving the levels here makes a bad spec fail before any sampling step; a calibrated one
         # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
-        check_key_steps(self.key_steps, num_steps)
-        if is_calibrated(self.key_steps):
-            self._run = _Run(num_steps, None, timesteps)
-        else:
-            self._run = _Run(num_steps, set(key_step_indices(self.key_steps, num_steps)), timesteps, str(self.key_steps))
-        scheduler = getattr(self.pipe, "scheduler", None)
-        if self.noise_injection > 0 and scheduler is not None:
+        self._run = _Run(num_steps, self._static_levels(num_steps), timesteps)
+        scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
+        saved_step = scheduler.__dict__.get("step") if scheduler is not None else None
+        if scheduler is not None:
             scheduler.step = self._wrap_scheduler_step(scheduler)
         try:
             yield self
         finally:
-            if scheduler is not None:
-                scheduler.__dict__.pop("step", None)
+            if scheduler is not None:  # put back what was there (an instance attribute, or the class's method)
+                del scheduler.step
+                if saved_step is not None:
+                    scheduler.step = saved_step
             self._end_run()
+
+    def _static_levels(self, num_steps: int) -> list | None:
+        """The levels of a run that needs no calibration; None for a calibrated spec (resolved later)."""
+        if self.plan is None:
+            check_key_steps(self.key_steps, num_steps)
+            if is_calibrated(self.key_steps):
+                return None
+            keys = set(key_step_indices(self.key_steps, num_steps))
+            return [FULL if i in keys else ENCODER for i in range(num_steps)]
+        spec = parse_plan(self.plan)
+        if isinstance(spec, AutoPlan):
+            return None
+        if len(spec) != num_steps:
+            raise ValueError(f"plan={plan_letters(spec)!r} has {len(spec)} levels; the run has {num_steps} steps")
+        unsupported = sorted(set(spec) - set(supported_levels(self.unet)))
+        if unsupported:
+            raise ValueError(f"plan: levels {unsupported} need a UNet2DConditionModel; {type(self.unet).__name__} supports {list(supported_levels(self.unet))}")
+        return list(spec)
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
@@ -239,13 +314,16 @@ class FasterDiffusion:
     def _scheduler_name(self) -> str:
         return type(self.pipe.scheduler).__name__ if self.pipe is not None else "unknown"
 
-    def _resolve_schedule(self, latent_size) -> None:
-        """Picks a calibrated run's key steps, or makes it a stock run that calibrates."""
+    def _resolve_levels(self, original_forward, call) -> None:
+        """Picks a calibrated run's levels, or makes it a stock run that calibrates."""
         run = self._run
+        sample = call["sample"]
+        latent_size = tuple(sample.shape[2:])  # (height, width), or (frames, height, width)
         scheduler = self._scheduler_name()
+        spec = str(parse_plan(self.plan)) if self.plan is not None else self.key_steps
         found = self._find_calibration(scheduler, run.timesteps, latent_size)
         if found is None:
-            run.key_steps = set(range(run.num_steps))
+            run.levels = [FULL] * run.num_steps
             run.schedule_source = "calibrating: this run is stock and records the encoder features"
             run.recorder = FeatureRecorder(self.unet).attach(record_steps=False)
             run.recorder.timesteps = [as_float(t) for t in run.timesteps]
@@ -256,8 +334,18 @@ class FasterDiffusion:
             )
             return
         calibration, source = found
-        run.key_steps = set(key_step_indices(self.key_steps, run.num_steps, calibration))
-        run.schedule_source = f"{self.key_steps} from {source}"
+        if self.plan is None or calibration.error_model is None:
+            keys = set(key_step_indices(self.key_steps if self.plan is None else "auto", run.num_steps, calibration))
+            run.levels = [FULL if i in keys else ENCODER for i in range(run.num_steps)]
+            note = "" if self.plan is None else " (it has no error model for plans: encoder propagation at auto's key steps; faster_diffusion.calibrate fits one)"
+            run.schedule_source = f"{spec} from {source}{note}"
+            return
+        run.cost = self._cost_model(original_forward, call)
+        choice = choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel)
+        run.levels = list(choice.levels)
+        run.predicted_speedup = round(choice.speedup(run.cost), 3)
+        snr = calibration.error_model.snr_db(choice.error)
+        run.schedule_source = f"{spec} from {source} (predicted {run.predicted_speedup:.2f}x, {snr:.1f} dB)"
 
     def _find_calibration(self, scheduler: str, timesteps, latent_size):
         """(calibration, where it came from) for this run, or None. A calibration of a longer run
@@ -267,6 +355,8 @@ class FasterDiffusion:
             *((c, f"a calibration made by an earlier run ({c.describe()})") for c in self.calibrations),
             *((c, f"file {c.path}") for c in self._shipped_calibrations()),
         ]
+        if self.plan is not None:  # those with an error model first
+            candidates.sort(key=lambda found: found[0].error_model is None)
         for calibration, source in candidates:  # exact matches first, then slices, each in order of preference
             if calibration.matches(scheduler, timesteps, latent_size):
                 return calibration, source
@@ -277,11 +367,9 @@ class FasterDiffusion:
         return None
 
     def _shipped_calibrations(self) -> list[Calibration]:
-        """The model directory's calibration/*.json (read once)."""
-        if self._model_calibrations is None:
-            model_dir = _model_dir(self.pipe, self.unet)
-            self._model_calibrations = [] if model_dir is None else shipped_calibrations(model_dir)
-        return self._model_calibrations
+        """The model directory's calibration/*.json (read once per process and file version)."""
+        model_dir = _model_dir(self.pipe, self.unet)
+        return [] if model_dir is None else shipped_calibrations(model_dir)
 
     def _finish_calibration(self, run: _Run) -> None:
         recorder, run.recorder = run.recorder, None
@@ -293,41 +381,46 @@ class FasterDiffusion:
         calibration = recorder.calibration(self._scheduler_name(), info)
         self.calibrations.append(calibration)
         logger.warning(
-            "faster_diffusion: calibrated %s; %s now gives key steps %s",
-            calibration.describe(), self.key_steps, key_step_indices(self.key_steps, run.num_steps, calibration),
+            "faster_diffusion: calibrated %s; auto now gives key steps %s (plans need an error model: faster_diffusion.calibrate)",
+            calibration.describe(), key_step_indices("auto", run.num_steps, calibration),
         )
 
     def _end_run(self) -> None:
         run, self._run = self._run, None
         self._mode.active = False
-        for hook in (*self._cache_hooks, *(hook for _, hook in self._encoder)):
-            hook.cache = None
+        for _, hook in (*self._controlnets, *self._replay_hooks):
+            hook.reset_state(None)
         if run is None:
             return
         if run.recorder is not None:
             self._finish_calibration(run)
+        levels = run.levels or []
         self.stats = {
             "steps": run.num_steps,
-            "key_steps": sorted(run.key_steps or ()),
+            "key_steps": run.key_steps,
             "schedule_source": run.schedule_source,
-            "encoder_passes": run.encoder_passes,
-            "decoder_passes": run.decoder_passes,
-            "unet_calls": run.unet_calls,
+            "encoder_passes": sum(level == FULL for level, _ in run.calls),
+            "decoder_passes": sum(g for level, g in run.calls if level in (FULL, ENCODER)),
+            "unet_calls": len(run.calls),
             "controlnet_passes": run.controlnet_passes,
             "parallel": self.parallel,
             "noise_injection": self.noise_injection,
         }
-
-    def _decoder_steps(self, i: int) -> list[int]:
-        """The steps whose decoders run in the UNet call of step ``i``."""
-        run = self._run
-        if not self.parallel:
-            return [i]
-        limit = len(run.timesteps) if self.max_parallel is None else min(len(run.timesteps), i + self.max_parallel)
-        steps = [i]
-        while steps[-1] + 1 < limit and steps[-1] + 1 not in run.key_steps:
-            steps.append(steps[-1] + 1)
-        return steps
+        if self.plan is not None:
+            self.stats.update(plan=plan_letters(levels), levels={lv: levels.count(lv) for lv in dict.fromkeys(levels)})
+            if run.cost is not None and run.step == run.num_steps:
+                if torch.cuda.is_available() and self.unet.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - run.started - run.measuring
+                unet = sum(run.cost.call_seconds(level, g) for level, g in run.calls)
+                # the loop's own work per step, as this run measured it, for the next predictions
+                run.cost.step_overhead = max(0.0, (seconds - unet) / run.num_steps)
+                self.stats.update(
+                    predicted_speedup=run.predicted_speedup,
+                    measured_speedup=round(run.cost.stock_seconds(run.num_steps) / seconds, 3),
+                    unet_flops=run.cost.plan_flops(levels),
+                    stock_unet_flops=run.cost.plan_flops([FULL] * run.num_steps),
+                )
 
     def _wrap_scheduler_step(self, scheduler):
         step = scheduler.step
@@ -353,15 +446,73 @@ class FasterDiffusion:
 
     # -- the UNet call ---------------------------------------------------------------------------------------------
 
+    def _call_unet(self, original_forward, call, level: str, timesteps: list):
+        """One UNet call at ``level`` running the decoders of ``timesteps`` (a group when more than one)."""
+        sample = call["sample"]
+        rows, group = sample.shape[0], len(timesteps)
+        frames = frames_per_row(self.unet, sample)
+        if group > 1:
+            call = {k: repeat_batch(v, (rows, rows * frames), group) for k, v in call.items() if k != "timestep"}
+            call["timestep"] = torch.stack([torch.as_tensor(t).to(sample.device).expand(rows) for t in timesteps]).flatten()
+        mode = self._mode
+        mode.active, mode.level, mode.rows, mode.group_size = True, level, rows * frames, group
+        mode.keep_decoder = self._run is not None and any(lv in DECODER_REPLAYING for lv in self._run.levels or ())
+        try:
+            return original_forward(**call, return_dict=True)
+        finally:
+            mode.active = False
+
+    def _cost_model(self, original_forward, call) -> CostModel:
+        """This device's cost model at the run's batch and size: measured once on the run's own inputs."""
+        sample = call["sample"]
+        key = (tuple(sample.shape), str(sample.dtype), str(sample.device))
+        if key in self.cost_models:
+            return self.cost_models[key]
+        started = time.perf_counter()
+        cuda = sample.device.type == "cuda"
+        t = call["timestep"]
+        levels = [lv for lv in supported_levels(self.unet) if lv != FULL]
+        keep = self._run.levels
+        self._run.levels = [FULL] + levels  # so that decoder modules keep their outputs for the replaying levels
+
+        def seconds(level, group):
+            if cuda:
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            self._call_unet(original_forward, call, level, [t] * group)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - begin
+
+        timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
+        with torch.no_grad():
+            seconds(FULL, 1)  # warm-up, and the features the other levels replay
+            for _ in range(3):  # rounds, interleaved
+                for level, group in timings:
+                    timings[level, group].append(seconds(level, group))
+            flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
+        self._run.levels = keep
+        median = {k: statistics.median(v) for k, v in timings.items()}
+        cost = CostModel(
+            full={g: median[FULL, g] for g in TIMED_GROUPS},
+            level={lv: median[lv, 1] for lv in levels},
+            step_overhead=0.0,  # learned from the first run's measured time
+            flops=flops,
+            info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2]},
+        )
+        self.cost_models[key] = cost
+        self._run.measuring += time.perf_counter() - started
+        return cost
+
     def _unet_forward(self, original_forward, args, kwargs):
         run = self._run
         call = bind_unet_call(self.unet, args, kwargs)
         return_dict = call.pop("return_dict")
-        sample, timestep = call["sample"], call["timestep"]
+        timestep = call["timestep"]
         if run.timesteps is None:
             self._resolve_timesteps(timestep)
-        if run.key_steps is None:
-            self._resolve_schedule(tuple(sample.shape[2:]))  # (height, width), or (frames, height, width)
+        if run.levels is None:
+            self._resolve_levels(original_forward, call)
         i = run.step
         run.step += 1
         if i >= len(run.timesteps):
@@ -373,30 +524,24 @@ class FasterDiffusion:
             return _output(noise_pred, return_dict, run.output_class)
 
         steps = self._decoder_steps(i)
-        rows, group = sample.shape[0], len(steps)
-        frames = frames_per_row(self.unet, sample)
-        if group > 1:
+        if len(steps) > 1:
             _check_timestep(timestep, run.timesteps[i], i)
-            call = {k: repeat_batch(v, (rows, rows * frames), group) for k, v in call.items() if k != "timestep"}
-            call["timestep"] = torch.stack(
-                [torch.as_tensor(run.timesteps[s]).to(sample.device).expand(rows) for s in steps]
-            ).flatten()
-
-        is_key = i in run.key_steps
-        self._mode.active, self._mode.compute = True, is_key
-        self._mode.rows, self._mode.group_size = rows * frames, group
-        try:
-            output = original_forward(**call, return_dict=True)
-        finally:
-            self._mode.active = False
+        level = run.levels[i]
+        output = self._call_unet(original_forward, call, level, [run.timesteps[s] if len(steps) > 1 else timestep for s in steps])
         run.output_class, noise_pred = type(output), output.sample
-        run.unet_calls += 1
-        run.encoder_passes += int(is_key)
-        run.decoder_passes += group
-        chunks = noise_pred.split(rows)
+        run.calls.append((level, len(steps)))
+        chunks = noise_pred.split(call["sample"].shape[0])
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
+
+    def _decoder_steps(self, i: int) -> list[int]:
+        """The steps whose decoders run in the UNet call of step ``i``."""
+        run = self._run
+        for group in decoder_groups(run.levels, self.parallel, self.max_parallel):
+            if group[0] == i:
+                return group
+        return [i]
 
 
 class _UNetHook(ModelHook):
@@ -413,7 +558,9 @@ class _UNetHook(ModelHook):
 
 
 class _ControlNetHook(ModelHook):
-    """Runs the ControlNet at key steps only; its residuals are replayed at the other steps."""
+    """Runs the ControlNet at full steps only; its residuals are replayed at the other steps."""
+
+    _is_stateful = True
 
     def __init__(self, accel: FasterDiffusion):
         super().__init__()
@@ -425,11 +572,15 @@ class _ControlNetHook(ModelHook):
         if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         # The ControlNet is called just before the UNet call of step `run.step`.
-        if run.key_steps is not None and run.step not in run.key_steps and self.cache is not None:
+        if run.levels is not None and run.levels[run.step] != FULL and self.cache is not None:
             return self.cache
         self.cache = self.fn_ref.original_forward(*args, **kwargs)
         run.controlnet_passes += 1
         return self.cache
+
+    def reset_state(self, module):
+        self.cache = None
+        return module
 
 
 def _as_calibrations(calibration) -> list[Calibration]:
@@ -446,18 +597,6 @@ def _as_calibrations(calibration) -> list[Calibration]:
             raise TypeError(f"calibration: expected a Calibration or the path of its JSON file, got {type(item).__name__}")
         result.append(item)
     return result
-
-
-def shipped_calibrations(model_dir) -> list[Calibration]:
-    """The calibrations a model directory ships in calibration/*.json (each knows its ``path``);
-    unreadable files are skipped with a warning."""
-    found = []
-    for path in sorted((Path(model_dir) / CALIBRATION_DIR).glob("*.json")):
-        try:
-            found.append(Calibration.load(path))
-        except (ValueError, KeyError, TypeError, OSError) as err:
-            logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
-    return found
 
 
 def _given_source(calibration: Calibration) -> str:
@@ -478,6 +617,15 @@ def _model_dir(pipe, unet) -> Path | None:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
+
+
+def _flops(fn) -> float:
+    """FLOPs of one call, by torch's own counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def _check_timestep(timestep, expected, i: int) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import time
@@ -34,7 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .unet_split import ModelHook, add_hook, as_float, bind_unet_call, encoder_modules, remove_hook
+from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters
+from .unet_split import (
+    FULL,
+    ModelHook,
+    ReplayHook,
+    StepMode,
+    add_hook,
+    as_float,
+    bind_unet_call,
+    encoder_modules,
+    remove_hook,
+    replayed_modules,
+    supported_levels,
+)
 
 logger = logging.getLogger("faster_diffusion")
 
@@ -49,6 +63,9 @@ DEFAULT_TOLERANCE = 0.025
 #: UniPC-20's tolerance schedule at 17.7 dB kept 78.5% (docs/calibration.md).
 MIN_OUTPUT_SNR_DB = 20.0
 FORMAT_VERSION = 1
+CALIBRATION_DIR = "calibration"  # in a model directory: calibration/*.json, made by script/calibrate
+#: the relative size of the perturbation of a step's output that measures the final latent's sensitivity to it
+PERTURBATION = 0.02
 
 
 def _feature_tensors(output) -> list[torch.Tensor]:
@@ -166,6 +183,7 @@ class Calibration:
     info: dict = field(default_factory=dict)  # what it was calibrated on: model, prompts, date, ...
     refined: dict[int, list[int]] = field(default_factory=dict)  # budget -> key steps refined on outputs
     validated: list[int] | None = None  # key_steps="auto" checked on outputs (``validate``)
+    error_model: ErrorModel | None = None  # for plans (``faster_diffusion.plan``); fitted by ``calibrate``
     path: Path | None = field(default=None, compare=False)  # the JSON file it was loaded from, if any
     # (schedules, reuse costs) of every budget, solved once: a calibrated run resolves its schedule from it
     _solved: tuple | None = field(default=None, init=False, repr=False, compare=False)
@@ -196,6 +214,7 @@ class Calibration:
                 return Calibration(
                     self.cost[start : start + n, start : start + n], run, self.scheduler, self.latent_size,
                     {**self.info, "slice_of": f"steps {start}-{start + n - 1} of {self.describe()}"},
+                    error_model=None if self.error_model is None else self.error_model.sliced(start, n),
                 )
         return None
 
@@ -258,6 +277,7 @@ class Calibration:
             "info": self.info,
             "refined": {str(b): list(k) for b, k in sorted(self.refined.items())},
             **({"validated": list(self.validated)} if self.validated is not None else {}),
+            **({"error_model": self.error_model.to_dict()} if self.error_model is not None else {}),
             "cost": [[round(float(c), 7) for c in row] for row in self.cost],
         }
 
@@ -273,6 +293,7 @@ class Calibration:
             info=data.get("info", {}),
             refined={int(b): [int(k) for k in keys] for b, keys in data.get("refined", {}).items()},
             validated=[int(k) for k in data["validated"]] if data.get("validated") is not None else None,
+            error_model=ErrorModel.from_dict(data["error_model"]) if data.get("error_model") is not None else None,
         )
 
     def save(self, path) -> Path:
@@ -317,6 +338,25 @@ def _least_cost_schedules(cost: np.ndarray) -> tuple[dict[int, list[int]], dict[
     return schedules, {b: float(best[b, n]) for b in range(1, n + 1)}
 
 
+def shipped_calibrations(model_dir) -> list[Calibration]:
+    """The calibrations a model directory ships in calibration/*.json (each knows its ``path``), read
+    once per process and file version; unreadable files are skipped with a warning."""
+    found = []
+    for path in sorted((Path(model_dir) / CALIBRATION_DIR).glob("*.json")):
+        try:
+            calibration = _load_cached(path, path.stat().st_mtime_ns)
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            logger.warning("faster_diffusion: skipping calibration file %s (%s)", path, err)
+            continue
+        found.append(calibration)
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _load_cached(path: Path, mtime_ns: int) -> Calibration:
+    return Calibration.load(path)
+
+
 def _library_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -339,29 +379,222 @@ def run_info(pipe, prompts, num_inference_steps, call_kwargs) -> dict:
     }
 
 
-def calibrate(pipe, prompts, num_inference_steps: int = 50, **call_kwargs) -> Calibration:
-    """Runs the stock pipeline once on ``prompts`` (one batch, the pipeline's current scheduler)
-    and returns the calibration of its encoder features. ``call_kwargs`` go to ``pipe(...)``
-    (height, width, guidance_scale, generator, ...). An accelerator on ``pipe`` is paused meanwhile."""
+def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: bool = False, **call_kwargs) -> Calibration:
+    """Runs the stock pipeline once on ``prompts`` (one batch, the pipeline's current scheduler, generator
+    seeds ``seeds``, default 0, 1, ..., or the ``generator`` argument) and returns the calibration of its
+    encoder features. ``call_kwargs`` go to ``pipe(...)`` (height, width, guidance_scale, ...). An
+    accelerator on ``pipe`` is paused meanwhile.
+
+    With ``plans`` (a 2D UNet), it also fits the error model of plans (``faster_diffusion.plan``): the
+    stock run's UNet calls are replayed at every level of reuse, and the pipeline runs again with one
+    step's output perturbed at a time, to see how much of each step's error reaches the final latent."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts: calibration needs at least one prompt")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    generator = call_kwargs.pop("generator", None)
+    generators = _generator_factory(seeds, generator)
+    plans = plans and len(supported_levels(pipe.unet)) > 2
+    if plans and isinstance(generator, torch.Generator) and len(prompts) > 1:
+        raise ValueError("generator: fitting plans reruns the prompts in copies; give one generator a prompt, or seeds")
     accel = getattr(pipe.unet, "_faster_diffusion", None)
     if accel is not None:
         accel.disable()
     recorder = FeatureRecorder(pipe.unet).attach()
+    calls = _CallRecorder(pipe.unet) if plans else None
     started = time.perf_counter()
+    call_kwargs = {"output_type": "latent", **call_kwargs}
     try:
-        pipe(prompts, num_inference_steps=num_inference_steps, **{"output_type": "latent", **call_kwargs})
+        final = pipe(prompts, num_inference_steps=num_inference_steps, generator=generators(1), **call_kwargs).images
+        recorder.detach()
+        error_model = _fit_error_model(pipe, calls.detach(), final, prompts, generators, num_inference_steps, call_kwargs) if plans else None
     finally:
         recorder.detach()
+        if calls is not None:
+            calls.detach()
         if accel is not None:
             accel.enable()
     seconds = time.perf_counter() - started
-    info = {**run_info(pipe, prompts, num_inference_steps, call_kwargs), "seconds": round(seconds, 3)}
+    info = {**run_info(pipe, prompts, num_inference_steps, call_kwargs), "seeds": seeds, "seconds": round(seconds, 3)}
     calibration = recorder.calibration(type(pipe.scheduler).__name__, info)
+    calibration.error_model = error_model
     logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), seconds)
     return calibration
+
+
+def _generators(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _generator_factory(seeds, generator=None):
+    """``make(copies)``: fresh generators for ``copies`` copies of the prompts, each starting as the run's:
+    from ``seeds``, or from the states of a given ``generator`` (one, or one a prompt)."""
+    if generator is None:
+        return lambda copies: _generators(list(seeds) * copies)
+    given = generator if isinstance(generator, list) else [generator]
+    states = [(g.device, g.get_state()) for g in given]
+
+    def make(copies):
+        fresh = []
+        for device, state in states * copies:
+            g = torch.Generator(device=device)
+            g.set_state(state)
+            fresh.append(g)
+        return fresh if isinstance(generator, list) or copies > 1 else fresh[0]
+
+    return make
+
+
+class _CallRecorder(ModelHook):
+    """Keeps every UNet call's arguments and output sample (the stock run the error model replays)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls, self.outputs = unet, [], []
+        add_hook(unet, self, "faster_diffusion_calls")
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls.append(bind_unet_call(module, args, kwargs))
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.outputs.append((output[0] if isinstance(output, tuple) else output.sample).detach())
+        return output
+
+    def detach(self) -> "_CallRecorder":
+        remove_hook(self.unet, "faster_diffusion_calls")
+        return self
+
+
+def _guided(output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+    """The pipeline's classifier-free-guided prediction from a UNet output of [uncond, cond] rows."""
+    if guidance_scale is None:
+        return output
+    uncond, cond = output.float().chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, num_steps, call_kwargs) -> ErrorModel:
+    started = time.perf_counter()
+    unet = pipe.unet
+    guidance = float(pipe.guidance_scale) if getattr(pipe, "do_classifier_free_guidance", False) else None
+    calls, outputs = recorded.calls, recorded.outputs
+    n = len(calls)
+    if n != num_steps:
+        raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {num_steps} steps; plans need one call a step")
+    stock = [_guided(o, guidance) for o in outputs]
+    levels = [lv for lv in supported_levels(unet) if lv != FULL]
+    # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features
+    error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in levels}
+    directions = {}  # step -> the error of the least computed level two steps after a full step
+    mode = StepMode(keep_decoder=True)
+    hooks = []
+    for module, (replayed_at, shared) in replayed_modules(unet).items():
+        hook = ReplayHook(mode, replayed_at, shared)
+        add_hook(module, hook, RECORDER_HOOK)
+        hooks.append(module)
+    try:
+        for a in range(n - 1):
+            for level in levels:
+                for j in range(a, min(n, a + MAX_RUN)):
+                    mode.active, mode.level, mode.rows, mode.group_size = True, FULL if j == a else level, calls[j]["sample"].shape[0], 1
+                    output = unet(**{**calls[j], "return_dict": False})[0]
+                    if j > a:
+                        difference = _guided(output, guidance) - stock[j]
+                        error[level][a, j - a - 1] = float(difference.pow(2).mean())
+                        if level == levels[-1] and (j - a == 2 or j == 1):
+                            directions[j] = difference
+    finally:
+        mode.active = False
+        for module in hooks:
+            remove_hook(module, RECORDER_HOOK)
+    # 2. sensitivity: the final latent's squared change per squared change of one step's output, several steps
+    # a pipeline call (one copy of the prompts each). The change is a small multiple of a real reuse error:
+    # later steps wash random noise out, but not an error shaped like the image.
+    sensitivity = np.zeros(n)
+    copies = max(1, 40 // len(prompts))
+    scheduler = pipe.scheduler
+    for first in range(1, n, copies):
+        targets = list(range(first, min(n, first + copies)))
+        count = {"step": 0}
+        deltas = {}
+        step = scheduler.step
+
+        def perturbed_step(model_output, timestep, sample, *args, **kwargs):
+            i = count["step"]
+            count["step"] += 1
+            if i in targets:
+                rows = len(prompts)
+                k = targets.index(i)
+                direction = directions[i]
+                scale = PERTURBATION * stock[i].pow(2).mean().sqrt() / direction.pow(2).mean().sqrt().clamp_min(1e-12)
+                delta = (scale * direction).to(model_output)
+                deltas[i] = float(delta.float().pow(2).mean())
+                model_output = model_output.clone()
+                model_output[k * rows : (k + 1) * rows] += delta
+            return step(model_output, timestep, sample, *args, **kwargs)
+
+        scheduler.step = perturbed_step
+        try:
+            latents = pipe(prompts * len(targets), num_inference_steps=num_steps, generator=generators(len(targets)), **call_kwargs).images
+        finally:
+            del scheduler.step
+        for k, i in enumerate(targets):
+            change = float((latents[k * len(prompts) : (k + 1) * len(prompts)].float() - final.float()).pow(2).mean())
+            sensitivity[i] = change / deltas[i] if deltas.get(i) else 0.0
+    info = {"guidance_scale": guidance, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1)}
+    return ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info)
+
+
+def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_snr_db: float = DEFAULT_PLAN_SNR_DB,
+                  probe_interval: int = 4, iterations: int = 5, **call_kwargs):
+    """Scales the error model of plans to what outputs show, and checks ``plan="auto"`` on them.
+
+    First, for each level, a uniform plan (a full step, then ``probe_interval - 1`` steps at that level)
+    sets ``level_correction[level]`` to its measured / predicted final-latent error. Then it runs the
+    plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and picks again,
+    until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``.
+    ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
+    model = calibration.error_model
+    if model is None:
+        raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
+    prompts = calibration.info.get("prompts") if prompts is None else prompts
+    seeds = calibration.info.get("seeds", list(range(len(prompts)))) if seeds is None else list(seeds)
+    model.target_snr_db, model.correction, model.level_correction = min_snr_db, 1.0, {}
+    n = calibration.num_steps
+    started = time.perf_counter()
+    tried = []
+    with _final_latents(pipe, n, prompts, seeds, call_kwargs, calibration) as final_latents:
+        stock = final_latents(None).float()
+
+        def measure(plan):
+            latents, accel = final_latents(plan, keep=True)
+            error = float((latents.float() - stock).pow(2).mean())
+            return error, accel
+
+        for level in model.error:
+            probe = [FULL if i % probe_interval == 0 else level for i in range(n)]
+            measured, _ = measure(probe)
+            predicted = model.predicted_error(probe)
+            model.level_correction[level] = measured / predicted if predicted > 0 and measured > 0 else 1.0
+            tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
+                          "predicted_snr_db": round(model.snr_db(predicted), 2)})
+        cost = None
+        for _ in range(iterations):
+            measured, accel = measure("auto")
+            cost = cost or next(iter(accel.cost_models.values()))
+            levels = accel.stats["plan"]
+            predicted = model.predicted_error(levels)
+            tried.append({"plan": levels, "snr_db": round(model.snr_db(measured), 2), "predicted_snr_db": round(model.snr_db(predicted), 2)})
+            if predicted > 0 and measured > 0:
+                model.correction *= measured / predicted
+            if plan_letters(choose(AutoPlan(), model, cost).levels) == levels and model.snr_db(measured) >= min_snr_db:
+                break
+    report = {"min_snr_db": min_snr_db, "level_correction": dict(model.level_correction), "correction": model.correction,
+              "tried": tried, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}
+    model.info["validation"] = report
+    return tried[-1]["plan"], report
 
 
 def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, sweeps: int = 3, moves=(-2, -1, 1, 2), **call_kwargs):
@@ -432,22 +665,29 @@ def validate(pipe, calibration: Calibration, prompts, seeds=None, min_snr_db: fl
 
 
 @contextlib.contextmanager
-def _final_latents(pipe, num_steps: int, prompts, seeds, call_kwargs):
-    """Yields ``final_latents(key_steps)``: the final latents of ``prompts`` accelerated with those key
-    steps (parallel, no noise injection), or stock for None. An accelerator on ``pipe`` is paused
-    meanwhile and put back afterwards."""
+def _final_latents(pipe, num_steps: int, prompts, seeds, call_kwargs, calibration=None):
+    """Yields ``final_latents(schedule)``: the final latents of ``prompts`` accelerated with those key
+    steps (parallel, no noise injection), with ``"auto"``: the plan auto picks from ``calibration``, or
+    stock for None. An accelerator on ``pipe`` is paused meanwhile and put back afterwards."""
     from . import disable, enable  # the package's public API; imported here to avoid a cycle
 
     call_kwargs = {"output_type": "latent", **call_kwargs}
+    accel = None
 
-    def final_latents(key_steps):
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if key_steps is None:
+    def final_latents(schedule, keep=False):
+        nonlocal accel
+        if schedule is None:
             disable(pipe)
+        elif isinstance(schedule, str) or schedule and isinstance(schedule[0], str):  # a plan
+            # one accelerator for every plan run, so that its cost model is measured once
+            accel = accel or enable(pipe, plan="auto", calibration=calibration)
+            accel.set_params(plan=schedule)
+            accel.enable()
         else:
-            enable(pipe, key_steps=key_steps, parallel=True, noise_injection=0.0)
+            enable(pipe, key_steps=schedule, parallel=True, noise_injection=0.0)
         try:
-            return pipe(prompts, num_inference_steps=num_steps, generator=generators, **call_kwargs).images
+            latents = pipe(prompts, num_inference_steps=num_steps, generator=_generators(seeds), **call_kwargs).images
+            return (latents, accel) if keep else latents
         finally:
             disable(pipe)
 

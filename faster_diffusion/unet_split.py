@@ -7,9 +7,9 @@ same layout, plus the 3D UNet's ``transformer_in`` after ``conv_in``; they take
 ``(batch, channels, frames, height, width)`` samples and fold the frames into the
 batch, so inside them one step has ``batch x frames`` rows (``frames_per_row``).
 
-Rather than rewriting the UNet's forward, each encoder module gets a
-diffusers ``ModelHook``: at a key step it runs and caches its output, at other
-steps it returns the cache. The stock forward then runs the decoder (time
+Rather than rewriting the UNet's forward, each module that some level of reuse
+replays gets a diffusers ``ModelHook`` (``ReplayHook``): when it runs it keeps its
+output, at a step whose level reuses it it returns what it kept (``LEVELS`` below). The stock forward then runs the decoder (time
 embedding, up blocks, output head) on the cached features and the *current*
 timestep, and adds ControlNet residuals exactly as it always does.
 
@@ -61,14 +61,31 @@ def as_float(timestep) -> float:
     return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
+#: The levels of reuse a sampling step can run at, from most to least computed:
+#: ``full``: the whole UNet; every hooked module refreshes its cache.
+#: ``encoder``: encoder propagation (the paper's non-key step): the encoder modules replay the latest full
+#:     step's output, the decoder runs on them and the current time embedding; batchable across steps.
+#: ``shallow``: ``conv_in``, the first down block and the last up block run on the current latent; the deeper
+#:     blocks replay the latest output of a step that ran them.
+#: ``deep``: DeepCache's branch 0: only ``conv_in``, the last layer of the last up block and the output head
+#:     run; every other module replays its latest output (the fresh latent reaches the output through
+#:     ``conv_in``'s skip connection).
+FULL, ENCODER, SHALLOW, DEEP = "full", "encoder", "shallow", "deep"
+LEVELS = (FULL, ENCODER, SHALLOW, DEEP)
+LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP}
+#: Levels whose step reads the current latent only through the shallow path: they replay decoder modules.
+DECODER_REPLAYING = (SHALLOW, DEEP)
+
+
 @dataclass
-class EncoderMode:
-    """What the encoder hooks do on the current UNet call; owned by the accelerator."""
+class StepMode:
+    """What the replay hooks do on the current UNet call; owned by the accelerator."""
 
     active: bool = False  # outside a denoising run the hooks pass through
-    compute: bool = True  # key step: run and cache; else reuse the cache
+    level: str = FULL  # the level of the step(s) of this call
     rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video)
     group_size: int = 1  # steps whose decoders run in this call
+    keep_decoder: bool = False  # whether decoder modules keep their outputs (the run has shallow or deep steps)
 
 
 def map_tensors(fn, obj):
@@ -102,31 +119,73 @@ def first_rows(obj, rows: int, total: int):
     return map_tensors(lambda t: t[:rows] if t.dim() and t.shape[0] == total else t, obj)
 
 
-class EncoderCacheHook(ModelHook):
-    """Runs an encoder module at key steps and replays its cached output otherwise."""
+def last_rows(obj, rows: int, total: int):
+    """Keeps the last ``rows`` rows of every tensor whose batch is ``total`` (the latest step of a group)."""
+    if rows == total:
+        return obj
+    return map_tensors(lambda t: t[-rows:] if t.dim() and t.shape[0] == total else t, obj)
+
+
+class ReplayHook(ModelHook):
+    """Runs a module and keeps its output, or replays the kept output at the levels that reuse it.
+
+    An encoder module (``shared``) sees the same input in every step of a decoder group: it runs on the
+    first step's rows and hands every step a copy. A decoder module runs on the whole group and keeps
+    the latest step's rows, for the shallow or deep steps that follow."""
 
     _is_stateful = True
 
-    def __init__(self, mode: EncoderMode):
+    def __init__(self, mode: StepMode, replayed_at: frozenset, shared: bool):
         super().__init__()
-        self.mode = mode
+        self.mode, self.replayed_at, self.shared = mode, replayed_at, shared
         self.cache = None
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.mode
         if not mode.active:
             return self.fn_ref.original_forward(*args, **kwargs)
-        if mode.compute:
-            total = mode.rows * mode.group_size
+        total = mode.rows * mode.group_size
+        if mode.level in self.replayed_at:
+            if self.cache is None:
+                raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any step computed the features it reuses")
+            return repeat_batch(self.cache, mode.rows, mode.group_size) if self.shared else self.cache
+        if self.shared:
             args, kwargs = first_rows((args, kwargs), mode.rows, total)
             self.cache = self.fn_ref.original_forward(*args, **kwargs)
-        elif self.cache is None:
-            raise RuntimeError("faster_diffusion: a non-key step ran before any key step cached the encoder")
-        return repeat_batch(self.cache, mode.rows, mode.group_size)
+            return repeat_batch(self.cache, mode.rows, mode.group_size)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode.keep_decoder:
+            self.cache = last_rows(output, mode.rows, total)
+        return output
 
     def reset_state(self, module):
         self.cache = None
         return module
+
+
+def replayed_modules(unet) -> dict[torch.nn.Module, tuple[frozenset, bool]]:
+    """Every module some level replays: module -> (the levels that replay it, whether it is an encoder
+    module), in call order. Shallow and deep steps need the 2D UNet's layout (video UNets: encoder only)."""
+    encoder = encoder_modules(unet)
+    found = {module: ({ENCODER}, True) for module in encoder}
+    if isinstance(unet, VIDEO_UNETS):
+        return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
+    for module in encoder:
+        if module is not unet.conv_in:
+            found[module][0].add(DEEP)
+    for module in encoder[2:]:  # past conv_in and the first down block
+        found[module][0].add(SHALLOW)
+    for block in unet.up_blocks[:-1]:
+        found[block] = ({SHALLOW, DEEP}, False)
+    last = unet.up_blocks[-1]
+    for layers in (last.resnets, getattr(last, "attentions", None) or []):
+        for layer in list(layers)[:-1]:
+            found[layer] = ({DEEP}, False)
+    return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
+
+
+def supported_levels(unet) -> tuple[str, ...]:
+    return (FULL, ENCODER) if isinstance(unet, VIDEO_UNETS) else LEVELS
 
 
 def encoder_modules(unet) -> list[torch.nn.Module]:

@@ -1,0 +1,302 @@
+"""Plans: the level of reuse of every sampling step, chosen per model, sampler, size, batch and device.
+
+A plan gives each step one of ``unet_split.LEVELS`` (full, encoder, shallow, deep). ``plan="auto"``
+and ``plan="auto:T"`` are chosen here from two models:
+
+- ``ErrorModel`` (fitted by ``faster_diffusion.calibrate`` on a stock run, stored in the calibration
+  JSON): ``error[level][a, k]`` is the mean squared error of the guided model output at step
+  ``a + 1 + k`` when that step runs at ``level`` on the features of a full step ``a`` (teacher-forced:
+  the stock run's own inputs), and ``sensitivity[j]`` how much of an error in step ``j``'s output
+  reaches the final latent (measured by perturbing that output in real runs of the pipeline). So the
+  reuse error is measured where it lands, on the output, not where the features move most.
+- ``CostModel`` (measured on this device at the run's batch and size, by the accelerator): seconds
+  and FLOPs of a UNet call at each level, of a full step batched with ``g`` encoder-propagated
+  decoders, and of a step's work outside the UNet.
+
+A plan is a sequence of *segments*: a full step followed by steps of one cheaper level, which reuse
+that full step's features. A segment's predicted final-latent error adds its steps' errors
+coherently (they share one stale cache), segments add independently; ``correction`` scales it to
+what validation on outputs measured. ``frontier`` finds, by dynamic programming over the segments,
+the least-error plan for every predicted time, exactly for this model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
+
+#: ``plan="auto"``: the fastest plan whose predicted final-latent signal-to-error ratio is at least this
+#: (dB, after validation's correction). Chosen on the bundled model (docs/benchmarks.md): at this bar
+#: DDIM-50's images stay above 42 dB PSNR from stock's.
+DEFAULT_PLAN_SNR_DB = 32.0
+#: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
+MAX_RUN = 8
+CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP)
+ACCEPTED_PLANS = (
+    "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
+    "than stock on this device), or one level a step: a string of F/E/S/D letters (full, encoder, shallow, "
+    "deep) or a list of level names, starting with a full step"
+)
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """``plan="auto"`` (``speedup`` None) or ``"auto:T"``."""
+
+    speedup: float | None = None
+
+    def __str__(self) -> str:
+        return "auto" if self.speedup is None else f"auto:{self.speedup:g}"
+
+
+def parse_plan(spec) -> AutoPlan | tuple[str, ...]:
+    """Checks a plan spec: returns ``AutoPlan`` or the tuple of per-step levels. Raises ``ValueError``
+    naming the field and the accepted forms."""
+    if isinstance(spec, str) and spec.strip().lower().startswith("auto"):
+        text = spec.strip().lower()
+        if text == "auto":
+            return AutoPlan()
+        head, _, value = text.partition(":")
+        try:
+            speedup = float(value) if head == "auto" else float("nan")
+        except ValueError:
+            speedup = float("nan")
+        if not speedup > 1 or not np.isfinite(speedup):
+            raise ValueError(f"plan={spec!r}: T in 'auto:T' must be a number > 1; accepted: {ACCEPTED_PLANS}")
+        return AutoPlan(speedup)
+    if isinstance(spec, str):
+        letters = spec.strip().upper()
+        if not letters or any(c not in LEVEL_LETTERS for c in letters):
+            raise ValueError(f"plan={spec!r} is not a plan; accepted: {ACCEPTED_PLANS}")
+        levels = tuple(LEVEL_LETTERS[c] for c in letters)
+    elif isinstance(spec, Sequence) and spec and all(isinstance(x, str) for x in spec):
+        levels = tuple(LEVEL_LETTERS.get(x.upper(), x.lower()) if len(x) == 1 else x.lower() for x in spec)
+        unknown = sorted({x for x in levels if x not in LEVELS})
+        if unknown:
+            raise ValueError(f"plan={list(spec)!r}: unknown levels {unknown}; accepted: {ACCEPTED_PLANS}")
+    else:
+        raise ValueError(f"plan={spec!r} is not a plan; accepted: {ACCEPTED_PLANS}")
+    if levels[0] != FULL:
+        raise ValueError(f"plan={spec!r}: step 0 must be a full step (every other level reuses an earlier step's features)")
+    return levels
+
+
+def plan_letters(levels) -> str:
+    """A plan as a string of level letters, e.g. ``FDDFDD``."""
+    return "".join(level[0].upper() for level in levels)
+
+
+def decoder_groups(levels, parallel: bool = True, max_parallel: int | None = None) -> list[list[int]]:
+    """The UNet calls of a plan: each a list of steps whose decoders run together. A full or encoder step
+    opens a group that takes the encoder-propagated steps after it (they do not read the current latent);
+    shallow and deep steps read it, so they run alone."""
+    groups, n, i = [], len(levels), 0
+    while i < n:
+        steps = [i]
+        if parallel and levels[i] in (FULL, ENCODER):
+            limit = n if max_parallel is None else min(n, i + max_parallel)
+            while steps[-1] + 1 < limit and levels[steps[-1] + 1] == ENCODER:
+                steps.append(steps[-1] + 1)
+        groups.append(steps)
+        i = steps[-1] + 1
+    return groups
+
+
+@dataclass
+class ErrorModel:
+    """Predicted final-latent error of a plan, from a stock run (see the module docstring)."""
+
+    error: dict[str, np.ndarray]  # level -> (steps, MAX_RUN - 1): error of step a + 1 + k on full step a's features
+    sensitivity: np.ndarray  # (steps,): final-latent squared change per squared change of a step's output
+    signal: float  # mean square of the stock final latent
+    # measured / predicted final-latent error on outputs (``validate_plan``): per level, from a uniform plan
+    # of that level, and overall, from the plans "auto" picked. Encoder-propagated steps ignore the current
+    # latent, so their errors compound more than the teacher-forced errors show.
+    level_correction: dict[str, float] = field(default_factory=dict)
+    correction: float = 1.0
+    target_snr_db: float = DEFAULT_PLAN_SNR_DB  # what plan="auto" keeps
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sensitivity)
+
+    @property
+    def max_run(self) -> int:
+        return next(iter(self.error.values())).shape[1] + 1
+
+    def segment_error(self, start: int, length: int, level: str) -> float:
+        """Error of a full step at ``start`` followed by ``length - 1`` steps at ``level``."""
+        if length == 1:
+            return 0.0
+        steps = np.arange(start + 1, start + length)
+        amplitude = np.sqrt(self.sensitivity[steps] * self.error[level][start, : length - 1]).sum()
+        return float(amplitude**2) * self.level_correction.get(level, 1.0)
+
+    def predicted_error(self, levels) -> float:
+        """The plan's predicted mean squared final-latent error (``correction`` applied)."""
+        total = 0.0
+        for start, length, level in segments(levels):
+            if length > self.max_run:
+                return float("inf")
+            total += self.segment_error(start, length, level)
+        return self.correction * total
+
+    def snr_db(self, error: float) -> float:
+        return float("inf") if error <= 0 else float(10 * np.log10(self.signal / error))
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {level: np.round(e, 9).tolist() for level, e in self.error.items()},
+            "sensitivity": np.round(self.sensitivity, 6).tolist(),
+            "signal": self.signal,
+            "level_correction": self.level_correction,
+            "correction": self.correction,
+            "target_snr_db": self.target_snr_db,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ErrorModel":
+        return cls(
+            error={level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()},
+            sensitivity=np.asarray(data["sensitivity"], dtype=np.float64),
+            signal=float(data["signal"]),
+            level_correction={k: float(v) for k, v in data.get("level_correction", {}).items()},
+            correction=float(data.get("correction", 1.0)),
+            target_snr_db=float(data.get("target_snr_db", DEFAULT_PLAN_SNR_DB)),
+            info=data.get("info", {}),
+        )
+
+    def sliced(self, start: int, n: int) -> "ErrorModel":
+        """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
+        return ErrorModel(
+            {level: e[start : start + n] for level, e in self.error.items()}, self.sensitivity[start : start + n],
+            self.signal, dict(self.level_correction), self.correction, self.target_snr_db, self.info,
+        )
+
+
+def segments(levels) -> list[tuple[int, int, str]]:
+    """(start, length, level) of each full step and the cheaper steps after it. A plan that mixes cheaper
+    levels after one full step is predicted as if all were the cheapest (least computed) of them."""
+    found = []
+    for i, level in enumerate(parse_plan(levels) if isinstance(levels, str) else levels):
+        if level == FULL:
+            found.append([i, 1, FULL])
+        else:
+            segment = found[-1]
+            segment[1] += 1
+            if segment[2] == FULL or CHEAP_LEVELS.index(level) > CHEAP_LEVELS.index(segment[2]):
+                segment[2] = level
+    return [tuple(s) for s in found]
+
+
+@dataclass
+class CostModel:
+    """Seconds (and FLOPs) of UNet calls on one device at one batch and size (measured by the accelerator)."""
+
+    full: dict[int, float]  # g -> a full step whose call also runs g - 1 encoder-propagated decoders
+    level: dict[str, float]  # shallow / deep / encoder (one encoder-propagated decoder alone)
+    step_overhead: float  # the sampler step and the loop's own work, per step
+    flops: dict[str, float] = field(default_factory=dict)  # full, encoder, shallow, deep: FLOPs of one call
+    info: dict = field(default_factory=dict)
+
+    def full_group(self, g: int) -> float:
+        """A full step with g decoders: measured sizes, linear in between and beyond."""
+        sizes = sorted(self.full)
+        if g in self.full:
+            return self.full[g]
+        return float(np.interp(g, sizes, [self.full[s] for s in sizes], right=None)) if g <= sizes[-1] else (
+            self.full[sizes[-1]] + (g - sizes[-1]) * (self.full[sizes[-1]] - self.full[sizes[-2]]) / (sizes[-1] - sizes[-2])
+        )
+
+    def call_seconds(self, level: str, g: int) -> float:
+        if level == FULL:
+            return self.full_group(g)
+        if level == ENCODER:  # a group opened by an encoder step: the full group less the encoder
+            return self.full_group(g) - self.full[1] + self.level[ENCODER]
+        return self.level[level]
+
+    def plan_seconds(self, levels, parallel=True, max_parallel=None) -> float:
+        calls = decoder_groups(levels, parallel, max_parallel)
+        return sum(self.call_seconds(levels[g[0]], len(g)) for g in calls) + len(levels) * self.step_overhead
+
+    def stock_seconds(self, n: int) -> float:
+        return n * (self.full[1] + self.step_overhead)
+
+    def plan_flops(self, levels, parallel=True, max_parallel=None) -> float | None:
+        """UNet FLOPs of a plan (grouped decoders do the same work as separate ones)."""
+        if not self.flops:
+            return None
+        return float(sum(self.flops[level] for level in levels))
+
+
+@dataclass
+class Choice:
+    levels: tuple[str, ...]
+    seconds: float
+    error: float
+
+    def speedup(self, cost: CostModel) -> float:
+        return cost.stock_seconds(len(self.levels)) / self.seconds
+
+
+def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None, levels=CHEAP_LEVELS, bins: int = 40) -> list[Choice]:
+    """The least-error plan for every predicted time (its Pareto front: faster plans have more error).
+
+    Dynamic programming over segment boundaries with time in ``1 / bins`` of a full step: exact for the
+    error model up to that rounding; each plan's time is then recomputed exactly."""
+    n = model.num_steps
+    unit = cost.full[1] / bins
+    horizon = int(np.ceil(cost.plan_seconds((FULL,) * n, parallel, max_parallel) / unit)) + n + 1
+    best = np.full((n + 1, horizon + 1), np.inf)
+    best[0, 0] = 0.0
+    back = {}  # (end, time bin) -> (start, length, level, previous time bin)
+    options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
+    for start in range(n):
+        reachable = np.isfinite(best[start])
+        if not reachable.any():
+            continue
+        for length, level in options:
+            end = start + length
+            if end > n:
+                continue
+            steps = (FULL,) + (level,) * (length - 1)
+            span = int(round(cost.plan_seconds(steps, parallel, max_parallel) / unit))
+            err = model.segment_error(start, length, level)
+            candidate = np.full(horizon + 1, np.inf)
+            candidate[span:] = best[start, : horizon + 1 - span] + err
+            better = candidate < best[end]
+            if better.any():
+                best[end, better] = candidate[better]
+                for t in np.flatnonzero(better):
+                    back[end, int(t)] = (start, length, level, int(t) - span)
+    choices, least = [], np.inf
+    for t in np.flatnonzero(np.isfinite(best[n])):
+        if best[n, t] < least:
+            least = best[n, t]
+            plan, end, tb = [], n, int(t)
+            while end > 0:
+                start, length, level, tb = back[end, tb]
+                plan[:0] = [FULL] + [level] * (length - 1)
+                end = start
+            plan = tuple(plan)
+            choices.append(Choice(plan, cost.plan_seconds(plan, parallel, max_parallel), model.predicted_error(plan)))
+    return sorted(choices, key=lambda c: c.seconds)
+
+
+def choose(spec: AutoPlan, model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None) -> Choice:
+    """``auto``: the fastest plan predicted within the model's ``target_snr_db``; ``auto:T``: the most
+    faithful plan predicted at least T times faster than stock (the fastest plan if none is)."""
+    min_snr_db = model.target_snr_db
+    choices = frontier(model, cost, parallel, max_parallel)
+    stock = cost.stock_seconds(model.num_steps)
+    if spec.speedup is None:
+        good = [c for c in choices if model.snr_db(c.error) >= min_snr_db]
+        return min(good, key=lambda c: c.seconds) if good else max(choices, key=lambda c: c.seconds)
+    fast = [c for c in choices if stock / c.seconds >= spec.speedup]
+    return min(fast, key=lambda c: c.error) if fast else min(choices, key=lambda c: c.seconds)
