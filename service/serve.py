@@ -102,10 +102,10 @@ class Guard:
         )
         log(f"coglet (pid {self.proc.pid}) on 127.0.0.1:{self.port}")
 
-    async def stop_coglet(self, sig: int = signal.SIGTERM, grace: float = 10) -> None:
+    async def stop_coglet(self, grace: float = 10) -> None:
         proc = self.proc
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), grace)
         except ProcessLookupError:
             pass
