@@ -17,13 +17,14 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 """
 
 from .accelerator import AcceleratorConfig, FasterDiffusion
+from .compile import compile_blocks, uncompile
 from .calibration import Calibration, calibrate, refine, validate, validate_plan
 from .plan import ErrorModel, CostModel, frontier, parse_plan, plan_letters
 from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
 from .unet_split import LEVELS, SUPPORTED_UNETS
 
 __all__ = [
-    "FasterDiffusion", "AcceleratorConfig", "enable", "disable", "calibrate", "refine", "validate", "validate_plan",
+    "FasterDiffusion", "AcceleratorConfig", "enable", "disable", "compile_blocks", "uncompile", "calibrate", "refine", "validate", "validate_plan",
     "Calibration", "ErrorModel", "CostModel", "frontier", "parse_plan", "plan_letters", "LEVELS",
     "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
 ]

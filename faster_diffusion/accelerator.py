@@ -148,6 +148,13 @@ class FasterDiffusion:
         self.pipe = None if isinstance(pipe_or_unet, SUPPORTED_UNETS) else pipe_or_unet
         self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
         if not isinstance(self.unet, SUPPORTED_UNETS):
+            if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (pipe_or_unet, self.unet)):
+                # a compiled UNet forward would trace the per-step hooks: graph breaks and a recompile per level
+                raise TypeError(
+                    "faster_diffusion.enable got a torch.compile'd UNet (OptimizedModule), which does not compose with "
+                    "the accelerator's per-step dispatch; put back the uncompiled UNet (pipe.unet = pipe.unet._orig_mod), "
+                    "enable, and compile its blocks with faster_diffusion.compile_blocks(pipe) (docs/compile.md)"
+                )
             found = type(pipe_or_unet).__name__ if self.pipe is None else f"{type(self.pipe).__name__}.unet of type {type(self.unet).__name__}"
             names = ", ".join(cls.__name__ for cls in SUPPORTED_UNETS)
             raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` is one of {names}, or the UNet itself; got {found}")
