@@ -2,10 +2,10 @@
 
 A source is a local path (a ``.safetensors`` file, or a directory holding exactly one) or an
 ``http(s)://`` / ``file://`` URL of a ``.safetensors`` file. A URL is downloaded once per
-distinct URL into ``<cache_dir()>/lora/`` (``service.weights.cache_dir``: ``$FASTER_DIFFUSION_CACHE``
-or ``<tmp>/faster-diffusion-weights``) and reused by later predictions. The file is checked to be
-a readable safetensors file here; the predictor loads it with ``pipe.load_lora_weights`` (diffusers
-or kohya format) and unloads it after the prediction.
+distinct URL into ``<cache_dir()>/lora/`` (``service.cache.cache_dir``) and reused by later
+predictions. The file is checked to be a readable safetensors file here; ``applied_lora`` loads
+it with ``pipe.load_lora_weights`` (diffusers or kohya format) for one prediction and unloads it
+afterwards, whatever happens.
 
 Every failure is a ``ValueError`` whose message starts with ``lora_weights:``, so the prediction
 fails before sampling and names the input.
@@ -13,12 +13,14 @@ fails before sampling and names the input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 import urllib.parse
 from pathlib import Path
 
-from .weights import URL_SCHEMES, cache_dir, download
+from .cache import cache_dir
+from .weights import URL_SCHEMES, download
 
 FIELD = "lora_weights"
 
@@ -75,3 +77,26 @@ def check_safetensors(path: Path, source: str) -> None:
         raise _error(source, f"not a safetensors file ({type(err).__name__}: {err})") from None
     if not keys:
         raise _error(source, "the safetensors file holds no tensors")
+
+
+ADAPTER = "request_lora"  # the adapter name of a prediction's lora_weights, unloaded after it
+
+
+@contextlib.contextmanager
+def applied_lora(pipe, lora_file: Path | None, source: str, scale: float):
+    """``pipe`` (and the pipelines sharing its UNet and text encoder) with ``lora_file`` loaded at
+    ``scale`` inside the block, the base weights again after it (also on error); a no-op for None.
+    A file diffusers cannot apply raises the ``lora_weights`` ValueError with nothing left loaded."""
+    if lora_file is None:
+        yield pipe
+        return
+    try:
+        pipe.load_lora_weights(str(lora_file), adapter_name=ADAPTER)
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    except Exception as err:
+        pipe.unload_lora_weights()
+        raise _error(source, f"not a LoRA this {type(pipe).__name__} can load ({type(err).__name__}: {err})") from None
+    try:
+        yield pipe
+    finally:
+        pipe.unload_lora_weights()

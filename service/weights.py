@@ -6,7 +6,7 @@ Resolution order (``resolve_weights``):
    ``COG_WEIGHTS`` environment variable, either a local diffusers pipeline
    directory or a URL (``http(s)://`` or ``file://``) of a tar (optionally
    gzip/bzip2/xz-compressed) holding one; a URL is downloaded and unpacked once
-   into a cache directory;
+   into ``<cache_dir()>/weights/`` (``service.cache``);
 2. ``weights/stable-diffusion-v1-5`` (filled by ``script/download-weights``);
 3. the bundled ``weights/tiny-shapes`` toy model, with a warning naming the
    missing weights and the command that fetches them.
@@ -27,6 +27,8 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cache import cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SD15_DIR = REPO_ROOT / "weights" / "stable-diffusion-v1-5"
@@ -60,12 +62,6 @@ class ResolvedWeights:
 
 def is_pipeline_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "model_index.json").is_file()
-
-
-def cache_dir() -> Path:
-    """Where URL weights are unpacked: $FASTER_DIFFUSION_CACHE, else a folder in the temp dir."""
-    env = os.environ.get("FASTER_DIFFUSION_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / "faster-diffusion-weights"
 
 
 def resolve_weights(
@@ -125,7 +121,7 @@ def download(url: str, dest) -> None:
 
 def fetch_tar(url: str, dest_root: Path | None = None) -> Path:
     """Downloads and unpacks the tar at ``url`` once; returns the pipeline directory in it."""
-    dest_root = Path(dest_root) if dest_root is not None else cache_dir()
+    dest_root = Path(dest_root) if dest_root is not None else cache_dir() / "weights"
     dest = dest_root / hashlib.sha256(url.encode()).hexdigest()[:16]
     done = dest / ".complete"
     if not done.exists():
@@ -177,7 +173,8 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
 
     The class comes from model_index.json, as with ``DiffusionPipeline.from_pretrained``:
     SD1.x/2.x, SDXL, or a ControlNet pipeline whose folder holds a ``controlnet``.
-    The safety checker is not loaded: the service returns what the model draws.
+    The weights' safety checker and feature extractor are loaded when model_index.json names them
+    (``service.safety`` then drops flagged images).
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -189,9 +186,12 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
             f"weights at {path}: a {index['_class_name']} is not served; the service takes "
             f"{', '.join(SERVED_PIPELINES)} (faster_diffusion.enable also accelerates video and IF pipelines in Python)"
         )
+    # The weights' safety checker is loaded when they ship one (SD1.5's model_index.json names it);
+    # otherwise the pipeline is told there is none, so diffusers does not warn.
+    ships_checker = _names_component(index, "safety_checker") and _names_component(index, "feature_extractor")
     no_safety_checker = (
         {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        if "safety_checker" in index
+        if "safety_checker" in index and not ships_checker
         else {}
     )
     if dtype is None:
@@ -208,3 +208,9 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _names_component(index: dict, name: str) -> bool:
+    """Whether model_index.json gives ``name`` a class (``[library, class]``, not ``[null, null]``)."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None

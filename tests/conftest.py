@@ -1,8 +1,15 @@
-"""Shared fixtures: the model directory the service tests load.
+"""Shared fixtures and helpers.
 
-The bundled ``weights/tiny-shapes`` pipeline when it is present; otherwise a
-tiny random-weights StableDiffusionPipeline (``tiny_pipelines.tiny_sd``) saved once
-per test session, so the service tests always run.
+``model_dir``: the model directory the service tests load: the bundled ``weights/tiny-shapes``
+pipeline when it is present; otherwise a tiny random-weights StableDiffusionPipeline
+(``tiny_pipelines.tiny_sd``) saved once per test session, so the service tests always run.
+
+``pipe`` (a module's tiny random SD pipeline), ``sample`` (its final latents for a prompt, step
+count and seed) and ``difference`` (how far two outputs are, relative to their range): the
+helpers the library's tests share.
+
+Every test gets its own service cache directory (``FASTER_DIFFUSION_CACHE``), so none reads or
+writes the user's ``~/.cache/faster-diffusion``.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-shapes"
+SIZE = 32  # pixels of the tiny pipelines' images: 16x16 latents with the tiny VAE
+PROMPT = "a red square in the center"
 
 
 def build_tiny_random_pipeline(path: Path) -> Path:
@@ -37,3 +47,33 @@ def model_dir(tmp_path_factory) -> Path:
     if bundled_model_available():
         return BUNDLED
     return build_tiny_random_pipeline(tmp_path_factory.mktemp("tiny-random-sd"))
+
+
+@pytest.fixture(autouse=True)
+def service_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh cache directory for the service (calibrations, downloads) in every test."""
+    path = tmp_path_factory.mktemp("service-cache")
+    monkeypatch.setenv("FASTER_DIFFUSION_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """A tiny random-weights StableDiffusionPipeline, one per test module."""
+    from tiny_pipelines import tiny_sd
+
+    return tiny_sd()
+
+
+def sample(pipe, prompt=PROMPT, steps=12, seed=0, size=SIZE, **kwargs):
+    """The pipeline's final latents (``output_type="latent"`` unless given) for ``prompt``, seeded."""
+    kwargs.setdefault("output_type", "latent")
+    return pipe(
+        prompt, num_inference_steps=steps, height=size, width=size,
+        generator=torch.Generator().manual_seed(seed), **kwargs,
+    ).images
+
+
+def difference(a, b):
+    """Largest absolute difference relative to the outputs' range (an untrained UNet's latents reach ~30)."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()

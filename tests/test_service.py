@@ -258,20 +258,22 @@ def test_auto_key_steps_log_their_source(server, model_dir):
         assert "schedule_source='auto from the calibration argument (calibrated at setup)'" in logs, logs
     encoder, decoder = passes(logs)
     assert decoder == 50 and encoder < 50, logs
-    # a step count nobody calibrated: calibrated once on first use (fixed prompts), so both runs are the same
+    # a step count nobody calibrated: derived from the nearest calibrated run on first use (no stock run),
+    # kept, so both runs are the same
     first = ok(server.predict(prompt=PROMPT, seed=5, num_inference_steps=7, key_steps="auto:3"))
-    assert "calibrated key_steps=auto for DDIM-7 " in first["logs"] and " on first use " in first["logs"], first["logs"]
+    assert "key_steps: derived from DDIM-" in first["logs"] and "(timesteps mapped), derived in " in first["logs"], first["logs"]
+    assert "calibrat" not in first["logs"].replace("calibration argument", ""), first["logs"]  # no stock calibration run
     second = ok(server.predict(prompt=PROMPT, seed=5, num_inference_steps=7, key_steps="auto:3"))
-    assert "calibrated key_steps=auto" not in second["logs"], second["logs"]
+    assert "derived in" not in second["logs"], second["logs"]
     for body in (first, second):
-        assert "schedule_source='auto:3 from the calibration argument (calibrated on first use)'" in body["logs"], body["logs"]
+        assert "schedule_source='auto:3 from the calibration argument (derived from DDIM-" in body["logs"], body["logs"]
         assert passes(body["logs"]) == (3, 7), body["logs"]
     assert np.array_equal(np.asarray(decode_images(first["output"])[0]), np.asarray(decode_images(second["output"])[0]))
     # img2img runs the tail of the run: the same calibration's slice serves it
     img2img = ok(server.predict(prompt=PROMPT, image=data_uri(PICTURE), width=64, height=64, seed=5,
                                 num_inference_steps=7, key_steps="auto:2"))  # fmt: skip
-    assert "calibrated key_steps=auto" not in img2img["logs"], img2img["logs"]
-    assert "(calibrated on first use), steps 2-6 of DDIMScheduler 7 steps" in img2img["logs"], img2img["logs"]
+    assert "derived in" not in img2img["logs"], img2img["logs"]
+    assert "(timesteps mapped)), steps 2-6 of DDIMScheduler 7 steps" in img2img["logs"], img2img["logs"]
     assert passes(img2img["logs"]) == (2, 5), img2img["logs"]
 
 
@@ -559,10 +561,24 @@ def test_setup_calibration_is_validated_on_outputs(monkeypatch, tmp_path):
     predictor = Predictor()
     predictor.setup()
     (calibration,) = predictor.calibrations
-    assert calibration.info["source"] == "calibrated at setup"
+    assert calibration.info["source"] == "calibrated at setup" and calibration.info["service_scheduler"] == "DDIM"
     report = calibration.info["validation"]
     assert calibration.validated == report["key_steps"] == calibration.schedule()
     assert report["seeds"] == [10_000 + k for k in range(len(report["prompts"]))]  # the service's fixed seeds
+    # it is cached: a restart on the same weights finds it instead of calibrating again
+    restarted = Predictor()
+    restarted.setup()
+    assert restarted.calibrations == []
+    ddim = predictor.schedulers["DDIM"]
+    ddim.set_timesteps(50)
+    found, how = restarted.store.for_run("DDIM", ddim, calibration.latent_size)
+    assert how == "exact" and found.info["source"] == "cached (calibrated at setup)" and found.validated == calibration.validated
+    # another sampler has no calibration of its own: derived from DDIM's, no stock run
+    euler = predictor.schedulers["EulerDiscrete"]
+    euler.set_timesteps(20)
+    derived, how = predictor.store.for_run("EulerDiscrete", euler, calibration.latent_size)
+    assert how.startswith("derived in ") and derived.scheduler == "EulerDiscreteScheduler"
+    assert "another sampler" in derived.info["source"] and derived.schedule()[0] == 0
 
 
 def test_script_generate_rejects_out_of_bounds_input():

@@ -158,7 +158,7 @@ def test_not_a_tar(tmp_path):
     (tmp_path / "model.tar").write_text("this is not a tar archive")
     with pytest.raises(W.WeightsError, match="not a readable tar"):
         W.resolve_weights((tmp_path / "model.tar").as_uri())
-    assert not list((tmp_path / "cache").glob("*/model_index.json"))
+    assert not list((tmp_path / "cache").glob("**/model_index.json"))
 
 
 def test_tar_escaping_its_directory_is_refused(tmp_path):

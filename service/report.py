@@ -1,0 +1,55 @@
+"""What a prediction logs about its run: the schedule, where it came from, and the UNet passes."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+class EncoderCounter:
+    """Counts UNet calls and encoder / decoder passes of the stock pipeline (forward hooks on the UNet)."""
+
+    def __init__(self, unet):
+        self.calls = self.encoder = self.decoder = 0
+
+        def count(attr):
+            def hook(module, args):
+                setattr(self, attr, getattr(self, attr) + 1)
+
+            return hook
+
+        self._handles = [
+            unet.register_forward_pre_hook(count("calls")),
+            unet.down_blocks[0].register_forward_pre_hook(count("encoder")),
+            unet.up_blocks[-1].register_forward_pre_hook(count("decoder")),
+        ]
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def counted(unet, accel):
+    """Yields a counter of the stock run's passes (None when an accelerator counts them itself)."""
+    if accel is not None:
+        yield None
+        return
+    counter = EncoderCounter(unet)
+    try:
+        yield counter
+    finally:
+        counter.remove()
+
+
+def passes_line(accel, counter, acceleration) -> str:
+    """The log line of a run's schedule and UNet passes."""
+    if accel is None:
+        return (f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
+                f"decoder_passes={counter.decoder} unet_calls={counter.calls}")  # fmt: skip
+    stats = accel.stats
+    return (
+        f"key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
+        f"schedule_source={stats['schedule_source']!r} "
+        f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
+        f"unet_calls={stats['unet_calls']} {acceleration.describe()}"
+    )

@@ -1,0 +1,178 @@
+"""Planning a prediction: which pipeline runs, at what size and step count, with what acceleration.
+
+``Planner.plan`` turns the inputs into a ``Request`` or fails early with a ``ValueError`` that
+names the field, on what the input schema cannot express (sizes that are not a multiple of the
+VAE's, a pixel budget, a mask without an image, a key-step schedule the step count cannot take).
+``Acceleration`` holds the acceleration inputs: one more input is one more field, read by
+``check`` and ``enable_kwargs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+import faster_diffusion
+from faster_diffusion.schedules import is_calibrated
+
+ACCELERATIONS = ["faster-diffusion", "none"]
+# Largest width x height x num_outputs one request may ask for (four 768x768 images);
+# FASTER_DIFFUSION_MAX_PIXELS overrides it for bigger or smaller cards.
+DEFAULT_MAX_PIXELS = 4 * 768 * 768
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The acceleration inputs of one prediction."""
+
+    mode: str = "faster-diffusion"  # ACCELERATIONS
+    key_steps: str = "auto"
+    parallel: bool = True
+    noise_injection: float = 0.003
+
+    @property
+    def on(self) -> bool:
+        return self.mode == "faster-diffusion"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the schedule comes from a calibration of the run's sampler, steps and size."""
+        return self.on and is_calibrated(self.key_steps)
+
+    def check(self, loop_steps: int) -> None:
+        """Fails, naming the field, on a schedule the run's step count cannot take."""
+        if not self.on:
+            return
+        try:
+            faster_diffusion.check_key_steps(self.key_steps, loop_steps)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith("key_steps") else f"key_steps: {message}") from None
+
+    def enable_kwargs(self) -> dict:
+        """The arguments of ``faster_diffusion.enable`` these inputs stand for."""
+        return {"key_steps": self.key_steps, "parallel": self.parallel, "noise_injection": self.noise_injection}
+
+    def describe(self) -> str:
+        return f"parallel={self.parallel} noise_injection={self.noise_injection}"
+
+
+@contextlib.contextmanager
+def accelerated(pipe, acceleration: Acceleration, calibrations=()):
+    """``pipe`` accelerated as ``acceleration`` says (stock for "none") inside the block, stock after it.
+    Yields the accelerator, or None. The pipelines share one UNet: enabling one disables the others."""
+    if not acceleration.on:
+        faster_diffusion.disable(pipe)
+        yield None
+        return
+    accel = faster_diffusion.enable(pipe, calibration=list(calibrations), **acceleration.enable_kwargs())
+    try:
+        yield accel
+    finally:
+        accel.disable()
+
+
+@dataclass
+class Request:
+    """What one prediction runs."""
+
+    mode: str  # text-to-image, img2img, inpainting, controlnet
+    pipe: object
+    arguments: dict  # the pipeline call's image / size / strength arguments
+    width: int
+    height: int
+    steps: int  # num_inference_steps
+    loop_steps: int  # the steps the denoising loop runs (img2img and inpainting run a tail)
+    num_outputs: int
+    acceleration: Acceleration = field(default_factory=Acceleration)
+
+    def describe(self) -> str:
+        return (f"mode={self.mode} size={self.width}x{self.height} num_outputs={self.num_outputs} "
+                f"steps={self.steps} acceleration={self.acceleration.mode}")  # fmt: skip
+
+
+class Planner:
+    """The server's pipelines and limits; ``plan`` checks a prediction's inputs against them."""
+
+    def __init__(self, pipe, img2img=None, inpaint=None, max_pixels: int | None = None):
+        self.pipe, self.img2img, self.inpaint = pipe, img2img, inpaint
+        # A ControlNet pipeline takes `image` as its control image; others use it for img2img / inpainting.
+        self.is_controlnet = getattr(pipe, "controlnet", None) is not None
+        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.size_multiple = math.lcm(8, pipe.vae_scale_factor)
+        if max_pixels is None:
+            max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+        self.max_pixels = max_pixels
+
+    def plan(self, *, image, mask, prompt_strength, width, height, num_outputs, num_inference_steps,
+             acceleration: Acceleration) -> Request:  # fmt: skip
+        request = self._pick_pipeline(image, mask, prompt_strength, width, height, num_inference_steps)
+        request.num_outputs, request.acceleration = num_outputs, acceleration
+        self._check_size(request.width, request.height, num_outputs)
+        acceleration.check(request.loop_steps)
+        return request
+
+    def _pick_pipeline(self, image, mask, prompt_strength, width, height, steps) -> Request:
+        if mask is not None and image is None:
+            raise ValueError("mask: inpainting needs an `image` to repaint; set image or leave mask unset")
+        if image is None:
+            if self.is_controlnet:
+                raise ValueError("image: this ControlNet model needs a control image")
+            width, height = width or self.native_size, height or self.native_size
+            return Request("text-to-image", self.pipe, {"width": width, "height": height}, width, height, steps, steps, 1)
+
+        picture = read_image(image, "image", "RGB")
+        original_size = picture.size
+        width, height = width or picture.width, height or picture.height
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.LANCZOS)
+        if self.is_controlnet:
+            if mask is not None:
+                raise ValueError("mask: inpainting is not available with a ControlNet model")
+            arguments = {"image": picture, "width": width, "height": height}
+            return Request("controlnet", self.pipe, arguments, width, height, steps, steps, 1)
+
+        # img2img and inpainting run the last int(steps x strength) steps (diffusers' get_timesteps)
+        loop_steps = min(int(steps * prompt_strength), steps)
+        if loop_steps < 1:
+            raise ValueError(
+                f"prompt_strength={prompt_strength} with num_inference_steps={steps} leaves no "
+                "denoising step; raise prompt_strength or num_inference_steps"
+            )
+        if mask is None:
+            arguments = {"image": picture, "strength": prompt_strength}
+            return Request("img2img", self.img2img, arguments, width, height, steps, loop_steps, 1)
+        mask_picture = read_image(mask, "mask", "L")
+        if mask_picture.size != original_size:
+            raise ValueError(
+                f"mask: its size {mask_picture.width}x{mask_picture.height} differs from the image's "
+                f"{original_size[0]}x{original_size[1]}"
+            )
+        if mask_picture.size != (width, height):
+            mask_picture = mask_picture.resize((width, height), Image.NEAREST)
+        arguments = {"image": picture, "mask_image": mask_picture, "strength": prompt_strength, "width": width, "height": height}
+        return Request("inpainting", self.inpaint, arguments, width, height, steps, loop_steps, 1)
+
+    def _check_size(self, width: int, height: int, num_outputs: int) -> None:
+        m = self.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            if value % m:
+                raise ValueError(f"{name}={value} must be a multiple of {m} (try {value - value % m} or {value - value % m + m})")
+        pixels = width * height * num_outputs
+        if pixels > self.max_pixels:
+            raise ValueError(
+                f"width x height x num_outputs = {width}x{height}x{num_outputs} = {pixels} pixels is over this "
+                f"server's budget of {self.max_pixels}; lower width, height or num_outputs"
+            )
+
+
+def read_image(path, field: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as picture:
+            return picture.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{field}: cannot read {os.path.basename(str(path))} as an image ({err})") from None
