@@ -151,8 +151,8 @@ class ErrorModel:
 
     def to_dict(self) -> dict:
         return {
-            "error": {level: np.round(e, 9).tolist() for level, e in self.error.items()},
-            "sensitivity": np.round(self.sensitivity, 6).tolist(),
+            "error": {level: [[_significant(x) for x in row] for row in e] for level, e in self.error.items()},
+            "sensitivity": [_significant(x) for x in self.sensitivity],
             "signal": self.signal,
             "level_correction": self.level_correction,
             "correction": self.correction,
@@ -163,7 +163,7 @@ class ErrorModel:
     @classmethod
     def from_dict(cls, data: dict) -> "ErrorModel":
         return cls(
-            error={level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()},
+            error={level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()},  # None -> nan
             sensitivity=np.asarray(data["sensitivity"], dtype=np.float64),
             signal=float(data["signal"]),
             level_correction={k: float(v) for k, v in data.get("level_correction", {}).items()},
@@ -178,6 +178,11 @@ class ErrorModel:
             {level: e[start : start + n] for level, e in self.error.items()}, self.sensitivity[start : start + n],
             self.signal, dict(self.level_correction), self.correction, self.target_snr_db, self.info,
         )
+
+
+def _significant(x: float) -> float | None:
+    """Six significant digits for the JSON file; None for a step beyond the run."""
+    return None if not np.isfinite(x) else float(f"{x:.6g}")
 
 
 def segments(levels) -> list[tuple[int, int, str]]:

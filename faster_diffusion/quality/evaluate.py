@@ -62,6 +62,11 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
     "dpm-auto": ("dpm", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
     "dpm-cost7": ("dpm", dict(key_steps="cost:7", parallel=True, noise_injection=0.003)),
     "dpm-auto7": ("dpm", dict(key_steps="auto:7", parallel=True, noise_injection=0.003)),
+    # plans: a level of reuse per step, chosen from the shipped calibration's error model and this machine's
+    # cost model at the harness's batch size (no noise injection)
+    "ddim-plan-auto": ("ddim", dict(plan="auto")),
+    "ddim-plan-auto2.5": ("ddim", dict(plan="auto:2.5")),
+    "dpm-plan-auto": ("dpm", dict(plan="auto")),
     "euler": ("euler", None),
     "euler-auto": ("euler", dict(key_steps="auto", parallel=True, noise_injection=0.003)),
     "unipc": ("unipc", None),
@@ -91,6 +96,8 @@ def _label(name: str, steps: dict[str, int]) -> str:
     base = f"{SAMPLER_NAMES[sampler]}-{steps[sampler]}"
     if kw is None:
         return f"{base} stock"
+    if "plan" in kw:
+        return f"{base} plan={kw['plan']}"
     mode = "parallel" if kw["parallel"] else "sequential"
     ni = f", noise inj. {kw['noise_injection']:g}" if kw["noise_injection"] else ""
     return f"{base} {kw['key_steps']} {mode}{ni}"
@@ -123,6 +130,8 @@ def _enable(pipe, kw: dict, num_steps: int):
     from faster_diffusion.schedules import auto_budget
 
     kw = dict(kw)
+    if "plan" in kw:
+        return faster_diffusion.enable(pipe, calibration=_shipped_calibration(pipe, num_steps), **kw), False
     spec = str(kw["key_steps"])
     calibration = _shipped_calibration(pipe, num_steps) if spec.startswith(("cost:", "auto")) else None
     if spec.startswith("cost:"):
@@ -325,12 +334,14 @@ def _row(name, steps, images, targets, seconds, stats, n, results) -> dict:
         "steps": steps[sampler],
         "reference": sampler,
         "accelerated": kw is not None,
-        "key_steps": None if kw is None else kw["key_steps"],
+        "key_steps": None if kw is None else kw.get("key_steps"),
+        "plan": None if kw is None else kw.get("plan"),
         "schedule_source": stats.get("schedule_source"),
         "refined": bool(stats.get("refined")),
-        "parallel": None if kw is None else kw["parallel"],
-        "noise_injection": None if kw is None else kw["noise_injection"],
-        "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls")},
+        "parallel": None if kw is None else kw.get("parallel", True),
+        "noise_injection": None if kw is None else kw.get("noise_injection", 0.0),
+        "stats": {k: stats.get(k) for k in ("steps", "key_steps", "encoder_passes", "decoder_passes", "unet_calls", "plan",
+                                            "predicted_speedup", "measured_speedup", "unet_flops", "stock_unet_flops")},
         "adherence": adherence,
         "position_confusion": shapes.position_confusion(detections, targets),
         "psnr": psnr,

@@ -1,0 +1,203 @@
+"""Plans: a level of reuse per step; the planner's search; its API and errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import SIZE, difference, sample
+
+import faster_diffusion
+from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters
+from faster_diffusion.unet_split import DEEP, ENCODER, FULL, SHALLOW
+
+STEPS = 12
+
+
+@pytest.fixture(autouse=True)
+def stock_afterwards(pipe):
+    yield
+    faster_diffusion.disable(pipe)
+
+
+def test_an_all_full_plan_is_stock_bit_for_bit(pipe):
+    stock = sample(pipe, steps=STEPS)
+    accel = faster_diffusion.enable(pipe, plan="F" * STEPS)
+    assert torch.equal(sample(pipe, steps=STEPS), stock)
+    assert accel.stats["plan"] == "F" * STEPS and accel.stats["encoder_passes"] == STEPS
+
+
+@pytest.mark.parametrize("plan", ["FEEFDDFSSFED", "FDDDDDFEEEEE", "FSEDFEESDDFE"])
+def test_parallel_equals_sequential(pipe, plan):
+    faster_diffusion.enable(pipe, plan=plan, parallel=False)
+    sequential = sample(pipe, steps=STEPS)
+    accel = faster_diffusion.enable(pipe, plan=plan, parallel=True)
+    parallel = sample(pipe, steps=STEPS)
+    assert difference(parallel, sequential) < 1e-4
+    assert accel.stats["unet_calls"] == len(decoder_groups(parse_plan(plan), parallel=True)) < STEPS
+
+
+def test_disable_restores_the_stock_pipeline(pipe):
+    modules = {name: dict(m.__dict__) for name, m in pipe.unet.named_modules()}
+    stock = sample(pipe, steps=STEPS)
+    bar, step = pipe.__dict__.get("progress_bar"), pipe.scheduler.__dict__.get("step")
+    with faster_diffusion.enable(pipe, plan="FDDFEEFSSFDD", noise_injection=0.01):
+        sample(pipe, steps=STEPS)
+    assert torch.equal(sample(pipe, steps=STEPS), stock)
+    assert pipe.__dict__.get("progress_bar") is bar and pipe.scheduler.__dict__.get("step") is step
+    for name, module in pipe.unet.named_modules():
+        assert module.__dict__.keys() == modules[name].keys(), name
+
+
+def test_levels_in_stats_agree_with_what_the_unet_ran(pipe):
+    """Sequentially, each level computes exactly its modules. A replayed module's own computation is not
+    called, so it is counted inside: a child's forward hook, or conv_in's _conv_forward."""
+    unet = pipe.unet
+    last = unet.up_blocks[-1]
+    inside = {
+        "down0": unet.down_blocks[0].resnets[0], "down1": unet.down_blocks[1].resnets[0], "mid": unet.mid_block.resnets[0],
+        "up0": unet.up_blocks[0].resnets[0], "last_first_resnet": last.resnets[0].conv1,
+        "last_last_resnet": last.resnets[-1].conv1, "conv_out": unet.conv_out,
+    }
+    runs_at = {  # which counted modules compute at each level
+        FULL: {"conv_in", *inside}, ENCODER: {"up0", "last_first_resnet", "last_last_resnet", "conv_out"},
+        SHALLOW: {"conv_in", "down0", "last_first_resnet", "last_last_resnet", "conv_out"},
+        DEEP: {"conv_in", "last_last_resnet", "conv_out"},
+    }
+    counts = dict.fromkeys(runs_at[FULL], 0)
+
+    def count(name):
+        def hook(module, args):
+            counts[name] += 1
+
+        return hook
+
+    plan = "FEEDDSFDSEFD"
+    accel = faster_diffusion.enable(pipe, plan=plan, parallel=False)
+    handles = [module.register_forward_pre_hook(count(name)) for name, module in inside.items()]
+    conv = unet.conv_in._conv_forward
+    unet.conv_in._conv_forward = lambda *args: (count("conv_in")(None, args), conv(*args))[1]
+    try:
+        sample(pipe, steps=STEPS)
+    finally:
+        del unet.conv_in._conv_forward
+        for handle in handles:
+            handle.remove()
+    levels = parse_plan(accel.stats["plan"])
+    assert accel.stats["plan"] == plan
+    assert accel.stats["levels"] == {level: levels.count(level) for level in dict.fromkeys(levels)}
+    for name, counted in counts.items():
+        assert counted == sum(name in runs_at[level] for level in levels), name
+
+
+def test_a_deepcache_uniform_plan_draws_deepcache_s_own_images(pipe):
+    DeepCache = pytest.importorskip("DeepCache")
+    for interval in (2, 3, 5):
+        helper = DeepCache.DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
+        helper.enable()
+        try:
+            theirs = sample(pipe, steps=STEPS)
+        finally:
+            helper.disable()
+        for module in pipe.unet.modules():  # DeepCache leaves bound forwards behind
+            module.__dict__.pop("forward", None)
+        plan = "".join("F" if i % interval == 0 else "D" for i in range(STEPS))
+        faster_diffusion.enable(pipe, plan=plan)
+        ours = sample(pipe, steps=STEPS)
+        faster_diffusion.disable(pipe)
+        assert difference(ours, theirs) < 1e-5, interval
+        assert difference(ours, sample(pipe, steps=STEPS)) > 1e-3  # and it is not stock
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(plan="auto:0.5"), r"plan='auto:0.5': T in 'auto:T' must be a number > 1"),
+        (dict(plan="auto:x"), r"plan='auto:x': T in 'auto:T' must be a number > 1"),
+        (dict(plan="auto:1"), r"must be a number > 1"),
+        (dict(plan="FDXD"), r"plan='FDXD' is not a plan; accepted: 'auto'"),
+        (dict(plan="DDFF"), r"step 0 must be a full step"),
+        (dict(plan=["full", "warp"]), r"unknown levels \['warp'\]"),
+        (dict(plan="auto", key_steps="paper"), r"plan='auto' and key_steps='paper': give one of them, not both"),
+        (dict(plan="auto", key_steps=[0, 2]), r"give one of them, not both"),
+    ],
+)
+def test_bad_plans_raise_value_errors_naming_the_field(pipe, options, message):
+    with pytest.raises(ValueError, match=message):
+        faster_diffusion.enable(pipe, **options)
+    assert getattr(pipe.unet, "_faster_diffusion", None) is None  # nothing left behind
+
+
+def test_a_plan_of_the_wrong_length_fails_before_any_step(pipe):
+    faster_diffusion.enable(pipe, plan="FDD")
+    with pytest.raises(ValueError, match=r"plan='FDD' has 3 levels; the run has 12 steps"):
+        sample(pipe, steps=STEPS)
+
+
+def random_models(n, seed):
+    rng = np.random.default_rng(seed)
+    growth = np.arange(1, 8)[None, :] ** 2
+    error = {lv: rng.uniform(0.5, 2, (n, 7)) * growth * scale for lv, scale in ((ENCODER, 0.5), (SHALLOW, 0.8), (DEEP, 1.0))}
+    model = ErrorModel(error, rng.uniform(0.1, 1, n), signal=100.0)
+    cost = CostModel(full={1: 1.0, 2: 1.3, 4: 1.9, 8: 3.1}, level={ENCODER: 0.7, SHALLOW: 0.4, DEEP: 0.15}, step_overhead=0.05)
+    return model, cost
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_frontier_is_the_exact_least_error_plan_for_each_time(seed):
+    n = 7
+    model, cost = random_models(n, seed)
+    plans = [(FULL,) + rest for rest in itertools.product((FULL, ENCODER, SHALLOW, DEEP), repeat=n - 1)]
+    homogeneous = [p for p in plans if all(len({lv for lv in p[s : s + m] if lv != FULL} - {FULL}) <= 1
+                                           for s, m, _ in _segments(p))]
+    scored = [(cost.plan_seconds(p), model.predicted_error(p), p) for p in homogeneous]
+    found = frontier(model, cost, bins=1000)
+    assert found and all(a.seconds < b.seconds and a.error > b.error for a, b in zip(found, found[1:]))
+    for choice in found:
+        best = min(e for s, e, _ in scored if s <= choice.seconds + 1e-9)
+        assert choice.error == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def _segments(plan):
+    from faster_diffusion.plan import segments
+
+    return segments(plan)
+
+
+def test_auto_t_is_the_most_faithful_plan_predicted_t_times_faster():
+    model, cost = random_models(12, 0)
+    for target in (1.5, 2.0, 3.0):
+        choice = choose(AutoPlan(target), model, cost)
+        assert choice.speedup(cost) >= target
+        faster = [c for c in frontier(model, cost) if c.speedup(cost) >= target]
+        assert choice.error == min(c.error for c in faster)
+    fastest = choose(AutoPlan(50.0), model, cost)  # out of reach: the fastest plan
+    assert fastest.seconds == min(c.seconds for c in frontier(model, cost))
+    model.target_snr_db = -np.inf  # anything goes: auto is the fastest plan
+    assert choose(AutoPlan(), model, cost).seconds == fastest.seconds
+
+
+def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
+    prompts = ["a red square", "a blue circle"]
+    calibration = faster_diffusion.calibrate(pipe, prompts, STEPS, seeds=[3, 4], plans=True, height=SIZE, width=SIZE)
+    model = calibration.error_model
+    assert set(model.error) == {ENCODER, SHALLOW, DEEP} and model.error[DEEP].shape == (STEPS, 7)
+    assert np.isnan(model.error[DEEP][STEPS - 1]).all() and (model.error[DEEP][0] > 0).all()
+    assert (model.sensitivity[1:] > 0).all() and model.signal > 0
+    plan, report = faster_diffusion.validate_plan(pipe, calibration, height=SIZE, width=SIZE)
+    assert set(report["level_correction"]) == {ENCODER, SHALLOW, DEEP} and report["correction"] > 0
+    path = calibration.save(tmp_path / "DDIM.json")
+    loaded = faster_diffusion.Calibration.load(path)
+    np.testing.assert_allclose(loaded.error_model.sensitivity, model.sensitivity, rtol=1e-5)
+    np.testing.assert_allclose(loaded.error_model.error[DEEP], model.error[DEEP], rtol=1e-5)
+    assert loaded.error_model.level_correction == pytest.approx(model.level_correction)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=path)
+    sample(pipe, prompt="a red square", steps=STEPS, seed=3)
+    assert accel.stats["plan"] == plan and accel.stats["schedule_source"].startswith(f"auto from file {path}")
+    assert accel.stats["unet_flops"] < accel.stats["stock_unet_flops"]
+    assert accel.stats["predicted_speedup"] > 1 and accel.stats["measured_speedup"] > 0
+    # a run over the tail of the timesteps (img2img's strength) gets the slice of the error model
+    part = loaded.for_run("DDIMScheduler", loaded.timesteps[4:], loaded.latent_size)
+    assert part.error_model.num_steps == STEPS - 4
+    np.testing.assert_array_equal(part.error_model.error[DEEP], loaded.error_model.error[DEEP][4:])
