@@ -32,8 +32,8 @@ A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-import statistics
 import time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -134,6 +134,7 @@ class _Run:
     predicted_speedup: float | None = None
     started: float = field(default_factory=time.perf_counter)
     measuring: float = 0.0  # seconds spent measuring the cost model, not part of the loop's time
+    planning: float = 0.0  # seconds spent choosing the plan (not per-step work: kept out of the step overhead)
 
     @property
     def key_steps(self) -> list[int]:
@@ -348,7 +349,9 @@ class FasterDiffusion:
             run.schedule_source = f"{spec} from {source}{note}"
             return
         run.cost = self._cost_model(original_forward, call)
-        choice = choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel)
+        started = time.perf_counter()
+        choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel)
+        run.planning = time.perf_counter() - started
         run.levels = list(choice.levels)
         run.predicted_speedup = round(choice.speedup(run.cost), 3)
         snr = calibration.error_model.snr_db(choice.error)
@@ -416,12 +419,9 @@ class FasterDiffusion:
         if self.plan is not None:
             self.stats.update(plan=plan_letters(levels), levels={lv: levels.count(lv) for lv in dict.fromkeys(levels)})
             if run.cost is not None and run.step == run.num_steps:
-                if torch.cuda.is_available() and self.unet.device.type == "cuda":
+                if self.unet.device.type == "cuda":
                     torch.cuda.synchronize()
-                seconds = time.perf_counter() - run.started - run.measuring
-                unet = sum(run.cost.call_seconds(level, g) for level, g in run.calls)
-                # the loop's own work per step, as this run measured it, for the next predictions
-                run.cost.step_overhead = max(0.0, (seconds - unet) / run.num_steps)
+                seconds = time.perf_counter() - run.started - run.measuring - run.planning
                 self.stats.update(
                     predicted_speedup=run.predicted_speedup,
                     measured_speedup=round(run.cost.stock_seconds(run.num_steps) / seconds, 3),
@@ -494,22 +494,43 @@ class FasterDiffusion:
         timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
         with torch.no_grad():
             seconds(FULL, 1)  # warm-up, and the features the other levels replay
-            for _ in range(3):  # rounds, interleaved
+            for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
             flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
         self._run.levels = keep
-        median = {k: statistics.median(v) for k, v in timings.items()}
+        least = {k: min(v) for k, v in timings.items()}
+        # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
-            full={g: median[FULL, g] for g in TIMED_GROUPS},
-            level={lv: median[lv, 1] for lv in levels},
-            step_overhead=0.0,  # learned from the first run's measured time
+            full={g: least[FULL, g] for g in TIMED_GROUPS},
+            level={lv: least[lv, 1] for lv in levels},
+            step_overhead=self._step_overhead(call),
             flops=flops,
             info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2]},
         )
         self.cost_models[key] = cost
         self._run.measuring += time.perf_counter() - started
         return cost
+
+    def _step_overhead(self, call) -> float:
+        """Seconds of a sampling step outside the UNet, on a copy of the scheduler: what an SD pipeline does
+        around the UNet call (the guidance batch, scale_model_input, guidance) and the scheduler step."""
+        if self.pipe is None or self._run.timesteps is None:
+            return 0.0
+        sample, t = call["sample"], self._run.timesteps[0]
+        latents = sample[: max(1, sample.shape[0] // 2)]
+        times = []
+        for _ in range(5):
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+            begin = time.perf_counter()
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            uncond, cond = model_input.chunk(2)
+            guided = uncond + 7.5 * (cond - uncond)
+            scheduler.step(guided, t, latents)
+            if sample.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - begin)
+        return min(times)
 
     def _unet_forward(self, original_forward, args, kwargs):
         run = self._run
@@ -588,6 +609,24 @@ class _ControlNetHook(ModelHook):
     def reset_state(self, module):
         self.cache = None
         return module
+
+
+_CHOICES: dict = {}  # (spec, error model, cost model, their state, options) -> Choice
+
+
+def _choose(spec, model, cost, parallel, max_parallel):
+    """``plan.choose``, solved once per spec, error model and cost model in their current state (the dynamic
+    programme takes longer than a small model's whole run)."""
+    key = (str(spec), id(model), id(cost), model.correction, tuple(sorted(model.level_correction.items())),
+           model.target_snr_db, cost.step_overhead, parallel, max_parallel)
+    found = _CHOICES.get(key)
+    if found is not None and found[0] is model and found[1] is cost:
+        return found[2]
+    if len(_CHOICES) > 256:
+        _CHOICES.clear()
+    choice = choose(spec, model, cost, parallel, max_parallel)
+    _CHOICES[key] = (model, cost, choice)
+    return choice
 
 
 def _as_calibrations(calibration) -> list[Calibration]:
