@@ -93,7 +93,7 @@ class Predictor(BaseRunner):
             return
         started = time.perf_counter()
         prompts = self.calibration_prompts
-        calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, prompts, self.base_config)
+        calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, prompts, self.base_config, plans=True)
         calibrations.validate(self.pipe, calibration, scheduler, size, size, prompts, self.base_config)
         calibration.info["source"] = "calibrated at setup"
         self.store.add(scheduler, calibration, setup=True)
@@ -147,28 +147,35 @@ class Predictor(BaseRunner):
             choices=list(SCHEDULERS),
         ),
         acceleration: str = Input(
-            description="faster-diffusion: reuse UNet encoder features between key steps (arXiv 2312.09608). "
+            description="faster-diffusion: reuse UNet features between steps, as `plan` (or `key_steps`) says. "
             "none: the stock pipeline.",
             default="faster-diffusion",
             choices=ACCELERATIONS,
         ),
-        key_steps: str = Input(
-            description="Steps that run the UNet encoder (faster-diffusion only): 'auto' (calibrated on this model: "
-            "the fewest encoder passes that keep its encoder features close to the stock run's), 'auto:B' "
-            "(calibrated, B encoder passes), 'paper' (the paper's schedule, tuned for SD1.5), 'all', 'uniform:K' "
-            "(every K-th step), or comma-separated step indices starting at 0, e.g. '0,1,2,3,5,10,15,25,35'. "
-            "A step count or size without a calibration of its own takes the schedule of the nearest calibrated "
-            "run of the sampler, mapped by timestep (no extra run).",
+        plan: str = Input(
+            description="What each step recomputes (faster-diffusion only): 'auto' (the fastest plan this model's "
+            "calibration predicts keeps the images, on this device at this batch size) or 'auto:T' (the most "
+            "faithful plan predicted at least T times faster than stock, T > 1). Each step runs the whole UNet, "
+            "the decoder on reused encoder features, a shallow path, or DeepCache's shallowest one. Ignored "
+            "when key_steps is set.",
             default="auto",
         ),
+        key_steps: str = Input(
+            description="Encoder propagation instead of a plan (the paper's method, arXiv 2312.09608): the steps "
+            "that run the UNet encoder: 'auto' (calibrated on this model), 'auto:B' (calibrated, B encoder "
+            "passes), 'paper' (the paper's schedule, tuned for SD1.5), 'all', 'uniform:K' (every K-th step), or "
+            "comma-separated step indices starting at 0, e.g. '0,1,2,3,5,10,15,25,35'. Empty: use `plan`.",
+            default="",
+        ),
         parallel: bool = Input(
-            description="faster-diffusion only: run the decoders of the steps between two key steps as one batch.",
+            description="faster-diffusion only: run the decoders of steps that reuse encoder features as one batch.",
             default=True,
         ),
-        noise_injection: float = Input(
+        noise_injection: Optional[float] = Input(
             description="faster-diffusion only: prior noise injection strength (adds this multiple of the initial "
-            "noise to the latent at late steps, t < 500; 0 turns it off).",
-            default=0.003,
+            "noise to the latent at late steps, t < 500; 0 turns it off). Unset: 0.003 with key_steps (the "
+            "paper's), 0 with a plan.",
+            default=None,
             ge=0,
             le=0.1,
         ),
@@ -191,7 +198,7 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generates num_outputs images for the prompt."""
-        acceleration = Acceleration(acceleration, key_steps, parallel, noise_injection)
+        acceleration = Acceleration(acceleration, plan, key_steps, parallel, noise_injection)
         request = self.planner.plan(
             image=image, mask=mask, prompt_strength=prompt_strength, width=width, height=height,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, acceleration=acceleration,

@@ -172,6 +172,33 @@ class ErrorModel:
             info=data.get("info", {}),
         )
 
+    def resampled(self, source_timesteps, timesteps) -> "ErrorModel":
+        """This model carried over to a run over other ``timesteps`` of the same sampler (another step count):
+        each step reads the source step at its noise level, offsets are mapped by timestep, and a step's
+        sensitivity scales with the square of its length in source steps (its output moves the latent that
+        much more). An approximation for a setting nobody calibrated; ``info["resampled_from"]`` says so."""
+        src = np.asarray(source_timesteps, dtype=np.float64)
+        order = np.argsort(src)
+        position = np.interp(np.asarray(timesteps, dtype=np.float64), src[order], order.astype(np.float64))
+        n, last = len(position), len(src) - 1
+        row = np.clip(np.rint(position).astype(int), 0, last)
+        length = np.diff(position, append=position[-1] + (position[-1] - position[-2] if n > 1 else 1.0))
+        error = {}
+        for level, e in self.error.items():
+            mapped = np.full((n, self.max_run - 1), np.nan)
+            for i in range(n):
+                for k in range(self.max_run - 1):
+                    if i + 1 + k >= n:
+                        break
+                    offset = position[i + 1 + k] - position[i] - 1  # in source steps past the first
+                    valid = np.flatnonzero(np.isfinite(e[row[i]]))
+                    if valid.size:
+                        mapped[i, k] = np.interp(offset, valid, e[row[i], valid])
+            error[level] = mapped
+        sensitivity = np.interp(position, np.arange(len(src)), self.sensitivity) * np.maximum(length, 1e-3) ** 2
+        info = {**self.info, "resampled_from": f"{len(src)} steps"}
+        return ErrorModel(error, sensitivity, self.signal, dict(self.level_correction), self.correction, self.target_snr_db, info)
+
     def sliced(self, start: int, n: int) -> "ErrorModel":
         """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
         return ErrorModel(
@@ -258,37 +285,32 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
     n = model.num_steps
     unit = cost.full[1] / bins
     horizon = int(np.ceil(cost.plan_seconds((FULL,) * n, parallel, max_parallel) / unit)) + n + 1
+    options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
+    spans = [int(round(cost.plan_seconds((FULL,) + (lv,) * (m - 1), parallel, max_parallel) / unit)) for m, lv in options]
     best = np.full((n + 1, horizon + 1), np.inf)
     best[0, 0] = 0.0
-    back = {}  # (end, time bin) -> (start, length, level, previous time bin)
-    options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
+    back = np.full((n + 1, horizon + 1), -1, dtype=np.int16)  # the option of the last segment ending there
     for start in range(n):
-        reachable = np.isfinite(best[start])
-        if not reachable.any():
+        if not np.isfinite(best[start]).any():
             continue
-        for length, level in options:
+        for o, ((length, level), span) in enumerate(zip(options, spans)):
             end = start + length
             if end > n:
                 continue
-            steps = (FULL,) + (level,) * (length - 1)
-            span = int(round(cost.plan_seconds(steps, parallel, max_parallel) / unit))
-            err = model.segment_error(start, length, level)
             candidate = np.full(horizon + 1, np.inf)
-            candidate[span:] = best[start, : horizon + 1 - span] + err
+            candidate[span:] = best[start, : horizon + 1 - span] + model.segment_error(start, length, level)
             better = candidate < best[end]
-            if better.any():
-                best[end, better] = candidate[better]
-                for t in np.flatnonzero(better):
-                    back[end, int(t)] = (start, length, level, int(t) - span)
+            best[end, better], back[end, better] = candidate[better], o
     choices, least = [], np.inf
     for t in np.flatnonzero(np.isfinite(best[n])):
         if best[n, t] < least:
             least = best[n, t]
             plan, end, tb = [], n, int(t)
             while end > 0:
-                start, length, level, tb = back[end, tb]
+                o = int(back[end, tb])
+                length, level = options[o]
                 plan[:0] = [FULL] + [level] * (length - 1)
-                end = start
+                end, tb = end - length, tb - spans[o]
             plan = tuple(plan)
             choices.append(Choice(plan, cost.plan_seconds(plan, parallel, max_parallel), model.predicted_error(plan)))
     return sorted(choices, key=lambda c: c.seconds)

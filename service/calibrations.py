@@ -81,13 +81,15 @@ def service_scheduler(pipe, scheduler_name: str, base_config=None):
         pipe.scheduler = original
 
 
-def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts, base_config=None) -> faster_diffusion.Calibration:
-    """One stock run of ``prompts`` with the service's scheduler ``scheduler_name``, seeds from CALIBRATION_SEED."""
-    generators = [torch.Generator().manual_seed(s) for s in seeds(prompts)]
+def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts, base_config=None,
+              plans: bool = False) -> faster_diffusion.Calibration:
+    """One stock run of ``prompts`` with the service's scheduler ``scheduler_name``, seeds from CALIBRATION_SEED;
+    with ``plans``, also the error model of plans, scaled on outputs (``faster_diffusion.validate_plan``)."""
+    kwargs = dict(height=height, width=width, guidance_scale=GUIDANCE_SCALE)
     with service_scheduler(pipe, scheduler_name, base_config):
-        calibration = faster_diffusion.calibrate(
-            pipe, prompts, steps, height=height, width=width, guidance_scale=GUIDANCE_SCALE, generator=generators
-        )
+        calibration = faster_diffusion.calibrate(pipe, prompts, steps, seeds=seeds(prompts), plans=plans, **kwargs)
+        if plans:
+            faster_diffusion.validate_plan(pipe, calibration, **kwargs)
     calibration.info["service_scheduler"] = scheduler_name
     calibration.info["seeds"] = seeds(prompts)
     return calibration
@@ -137,6 +139,7 @@ def derive(source: faster_diffusion.Calibration, timesteps, latent_size, schedul
         derived = faster_diffusion.Calibration(
             source.cost.copy(), run, source.scheduler, tuple(latent_size), info,
             dict(source.refined), list(source.validated) if source.validated is not None else None,
+            error_model=source.error_model,
         )
         derived.info["source"] = f"derived from {described} (same timesteps, another size)"
         return derived
@@ -148,7 +151,8 @@ def derive(source: faster_diffusion.Calibration, timesteps, latent_size, schedul
     np.fill_diagonal(cost, 0.0)
     cost = np.triu(cost, 1)
     keys = sorted({0} | {int(np.argmin(np.abs(np.asarray(run) - source.timesteps[k]))) for k in source.schedule()})
-    derived = faster_diffusion.Calibration(cost, run, source.scheduler, tuple(latent_size), info, {}, keys)
+    error_model = None if source.error_model is None else source.error_model.resampled(source.timesteps, run)
+    derived = faster_diffusion.Calibration(cost, run, source.scheduler, tuple(latent_size), info, {}, keys, error_model=error_model)
     derived.info["source"] = f"derived from {described} (timesteps mapped)"
     return derived
 

@@ -47,8 +47,12 @@ def passes_line(accel, counter, acceleration) -> str:
         return (f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
                 f"decoder_passes={counter.decoder} unet_calls={counter.calls}")  # fmt: skip
     stats = accel.stats
+    plan = ""
+    if "plan" in stats:
+        speed = f" predicted {stats['predicted_speedup']}x" if stats.get("predicted_speedup") else ""
+        plan = f"plan={stats['plan']} levels={stats['levels']}{speed} "
     return (
-        f"key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
+        f"{plan}key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
         f"schedule_source={stats['schedule_source']!r} "
         f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
         f"unet_calls={stats['unet_calls']} {acceleration.describe()}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from PIL import Image, UnidentifiedImageError
 
 import faster_diffusion
+from faster_diffusion.plan import AutoPlan
 from faster_diffusion.schedules import is_calibrated
 
 ACCELERATIONS = ["faster-diffusion", "none"]
@@ -30,9 +31,10 @@ class Acceleration:
     """The acceleration inputs of one prediction."""
 
     mode: str = "faster-diffusion"  # ACCELERATIONS
-    key_steps: str = "auto"
+    plan: str = "auto"
+    key_steps: str = ""  # set: encoder propagation at these key steps instead of the plan
     parallel: bool = True
-    noise_injection: float = 0.003
+    noise_injection: float | None = None  # None: the library's default for a plan or key steps
 
     @property
     def on(self) -> bool:
@@ -41,12 +43,22 @@ class Acceleration:
     @property
     def needs_calibration(self) -> bool:
         """Whether the schedule comes from a calibration of the run's sampler, steps and size."""
-        return self.on and is_calibrated(self.key_steps)
+        if not self.on:
+            return False
+        if self.key_steps:
+            return is_calibrated(self.key_steps)
+        return isinstance(faster_diffusion.parse_plan(self.plan), AutoPlan)
 
     def check(self, loop_steps: int) -> None:
         """Fails, naming the field, on a schedule the run's step count cannot take."""
         if not self.on:
             return
+        if not self.key_steps:
+            faster_diffusion.parse_plan(self.plan)  # its errors name `plan`
+            return
+        if self.plan.strip().lower() != "auto":  # "auto" is the default: the one value that does not conflict
+            raise ValueError(f"plan={self.plan!r} and key_steps={self.key_steps!r}: set one of them (key_steps gives "
+                             "encoder propagation, plan the planner's levels)")
         try:
             faster_diffusion.check_key_steps(self.key_steps, loop_steps)
         except ValueError as err:
@@ -55,7 +67,8 @@ class Acceleration:
 
     def enable_kwargs(self) -> dict:
         """The arguments of ``faster_diffusion.enable`` these inputs stand for."""
-        return {"key_steps": self.key_steps, "parallel": self.parallel, "noise_injection": self.noise_injection}
+        schedule = {"key_steps": self.key_steps} if self.key_steps else {"plan": self.plan}
+        return {**schedule, "parallel": self.parallel, "noise_injection": self.noise_injection}
 
     def describe(self) -> str:
         return f"parallel={self.parallel} noise_injection={self.noise_injection}"

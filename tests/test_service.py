@@ -250,7 +250,7 @@ def test_acceleration_is_close_to_stock_with_fewer_encoder_passes(server):
 
 def test_auto_key_steps_log_their_source(server, model_dir):
     # the default sampler and steps at the native size: shipped with the bundled model, else calibrated at setup
-    body = ok(server.predict(prompt=PROMPT, seed=5))
+    body = ok(server.predict(prompt=PROMPT, seed=5, key_steps="auto"))
     logs = body["logs"]
     if (model_dir / "calibration" / "DDIM-50steps-8x8.json").is_file():
         assert f"schedule_source='auto from file {model_dir / 'calibration' / 'DDIM-50steps-8x8.json'}'" in logs, logs
@@ -275,6 +275,24 @@ def test_auto_key_steps_log_their_source(server, model_dir):
     assert "derived in" not in img2img["logs"], img2img["logs"]
     assert "(timesteps mapped)), steps 2-6 of DDIMScheduler 7 steps" in img2img["logs"], img2img["logs"]
     assert passes(img2img["logs"]) == (2, 5), img2img["logs"]
+
+
+def test_the_default_plan_logs_its_levels_and_stays_close_to_stock(server, model_dir):
+    inputs = dict(prompt=PROMPT, seed=7)
+    planned = ok(server.predict(**inputs))  # plan="auto", the default
+    stock = ok(server.predict(acceleration="none", **inputs))
+    logs = planned["logs"]
+    assert "plan=F" in logs and "levels={'full': " in logs, logs
+    if (model_dir / "calibration" / "DDIM-50steps-8x8.json").is_file():  # the bundled model ships an error model
+        assert f"schedule_source='auto from file {model_dir / 'calibration' / 'DDIM-50steps-8x8.json'} (predicted " in logs, logs
+    encoder, _ = passes(logs)
+    assert encoder < 50, logs
+    (a,) = decode_images(planned["output"])
+    (b,) = decode_images(stock["output"])
+    assert psnr(a, b) > 30, f"PSNR {psnr(a, b):.1f} dB"
+    faster = ok(server.predict(plan="auto:2.5", **inputs))  # the most faithful plan predicted 2.5x faster
+    assert "schedule_source='auto:2.5 from " in faster["logs"], faster["logs"]
+    assert passes(faster["logs"])[0] <= encoder, faster["logs"]
 
 
 def test_img2img_and_inpainting_follow_the_input_image(server, model_dir):
@@ -340,6 +358,10 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"key_steps": "auto:0"}, "key_steps"),
         ({"key_steps": "auto:x"}, "key_steps"),
         ({"key_steps": "auto:9", "num_inference_steps": 8}, "key_steps"),  # budget above the step count
+        ({"plan": "auto:0.5"}, "plan"),
+        ({"plan": "auto:x"}, "plan"),
+        ({"plan": "fast"}, "plan"),
+        ({"plan": "auto:2", "key_steps": "paper"}, "plan"),  # both set: one or the other
         ({"width": 100}, "width"),
         ({"height": 68}, "height"),
         ({"width": 1024, "height": 1024, "num_outputs": 4}, "width x height x num_outputs"),
@@ -621,7 +643,7 @@ def test_dockerfile_matches_cog_yaml():
     assert f"python{config['build']['python_version']}" in dockerfile
     assert f'"cog=={config["build"]["sdk_version"]}"' in dockerfile
     assert "EXPOSE 5000" in dockerfile
-    assert 'CMD ["python", "-m", "cog.server.http"]' in dockerfile
+    assert 'CMD ["python", "-m", "service.serve"]' in dockerfile  # coglet behind the id guard (service/serve.py)
     assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", dockerfile, re.M)
 
 
