@@ -11,7 +11,7 @@ that decides per step what runs (``unet_split.ReplayHook``), so a compiled UNet 
 breaks its graph at every decision and recompiles for every level. ``compile_blocks`` compiles below
 the hooks instead. Its *regions* are the largest modules of the UNet that contain no module a level of
 reuse replays: every down block, the mid block, the up blocks but the last, the last up block's
-resnets, attentions and upsampler one by one, ``conv_in``, the time embedding and the output head's
+resnets and attentions one by one (and its upsampler, if any), ``conv_in``, the time embedding and the output head's
 norm and convolution (modules without parameters stay eager). A replayed module is a region too; its
 compiled forward is the ``forward`` the replay hook calls when that module runs. So a region is the
 same code whatever the level of the step, and the hooks, the UNet's own forward and the sampling loop
