@@ -548,14 +548,14 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
 
 
 def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_snr_db: float = DEFAULT_PLAN_SNR_DB,
-                  probe_interval: int = 4, iterations: int = 5, **call_kwargs):
+                  probe_interval: int = 4, iterations: int = 8, **call_kwargs):
     """Scales the error model of plans to what outputs show, and checks ``plan="auto"`` on them.
 
     First, for each level, a uniform plan (a full step, then ``probe_interval - 1`` steps at that level)
     sets ``level_correction[level]`` to its measured / predicted final-latent error. Then it runs the
     plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and picks again,
-    until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``.
-    ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
+    until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``;
+    a plan measured below it stays predicted below it. ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
     model = calibration.error_model
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
@@ -580,16 +580,21 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             model.level_correction[level] = measured / predicted if predicted > 0 and measured > 0 else 1.0
             tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
                           "predicted_snr_db": round(model.snr_db(predicted), 2)})
-        cost = None
+        cost, floor = None, 0.0
+        least_error = model.signal / 10 ** (min_snr_db / 10)  # the error at the target
         for _ in range(iterations):
             measured, accel = measure("auto")
             cost = cost or next(iter(accel.cost_models.values()))
             levels = accel.stats["plan"]
             predicted = model.predicted_error(levels)
+            raw = predicted / model.correction
+            passed = model.snr_db(measured) >= min_snr_db
             tried.append({"plan": levels, "snr_db": round(model.snr_db(measured), 2), "predicted_snr_db": round(model.snr_db(predicted), 2)})
-            if predicted > 0 and measured > 0:
-                model.correction *= measured / predicted
-            if plan_letters(choose(AutoPlan(), model, cost).levels) == levels and model.snr_db(measured) >= min_snr_db:
+            if not passed and raw > 0:  # from now on predicted to miss the target
+                floor = max(floor, 1.0001 * least_error / raw)
+            if raw > 0 and measured > 0:
+                model.correction = max(measured / raw, floor)
+            if passed and plan_letters(choose(AutoPlan(), model, cost).levels) == levels:
                 break
     report = {"min_snr_db": min_snr_db, "level_correction": dict(model.level_correction), "correction": model.correction,
               "tried": tried, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}

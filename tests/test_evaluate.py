@@ -73,7 +73,7 @@ def test_calibrated_settings_and_frontier(tmp_path, monkeypatch):
 
 def test_other_samplers_are_compared_with_stock_ddim(tmp_path, monkeypatch):
     """Euler and UniPC run on the model's own scheduler config; each stock sampler other than DDIM
-    is also compared with stock DDIM on the same seeds (the smoothness figure of issue #11)."""
+    is also compared with stock DDIM on the same seeds (the smoothness figure introduced with the v-prediction model, cee773a)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "quality"
     rc = ev.main(["--num-prompts", "2", "--seeds", "1", "--settings", "ddim,euler,unipc,dpm", "--ddim-steps", "8",
