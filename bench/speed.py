@@ -123,35 +123,25 @@ def _raise_recompile_limits():
 
 
 def compile_unet(unet, how: str, mode: str | None = None, dynamic: bool | None = None) -> str:
-    """Compiles the UNet in a way that coexists with the engine's hooks; returns a description.
+    """Compiles the UNet in a way that coexists with the accelerator's hooks; returns a description.
 
-    'blocks': every down, mid and up block gets a compiled ``forward`` through a per-class
-    subclass (``module.__class__`` swap). The engine wraps the encoder blocks' *instance*
-    ``forward`` with diffusers hooks and pops that attribute on disable, so the compiled class
-    forward is what the hooks call and what remains after ``faster_diffusion.disable``. The
-    UNet's own forward (a few small ops and the Python control flow between blocks), conv_in,
-    the time embedding and the output head stay eager.
+    'blocks': ``faster_diffusion.compile_blocks`` (the library's recipe, docs/compile.md: every region
+    of the UNet that holds no replayed module is compiled, the plan's dispatch stays eager).
     'unet': ``unet.compile()`` (whole UNet incl. the hooks' Python; for comparison).
     """
-    import torch
+    import faster_diffusion
 
     _raise_recompile_limits()
     opts = {} if mode in (None, "", "default") else {"mode": mode}
-    if dynamic is not None:  # True: one graph per block for every batch size (parallel mode varies the batch)
+    if dynamic is not None:  # True: one graph per region for every batch size (parallel mode varies the batch)
         opts["dynamic"] = dynamic
     if how == "unet":
         unet.compile(**opts)
         return f"unet.compile({opts or ''})"
     if how != "blocks":
         raise ValueError(f"unknown --compile {how!r}")
-    compiled_classes: dict[type, type] = {}
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    for block in blocks:
-        cls = type(block)
-        if cls not in compiled_classes:
-            compiled_classes[cls] = type(f"Compiled{cls.__name__}", (cls,), {"forward": torch.compile(cls.forward, **opts)})
-        block.__class__ = compiled_classes[cls]
-    return f"torch.compile of each down/mid/up block's forward ({', '.join(sorted(c.__name__ for c in compiled_classes))}){''.join(f' {k}={v}' for k, v in opts.items())}"
+    regions = faster_diffusion.compile_blocks(unet, **opts)
+    return f"faster_diffusion.compile_blocks: {len(regions)} regions{''.join(f' {k}={v}' for k, v in opts.items())}"
 
 
 # -- measurement ---------------------------------------------------------------------------------------------------
