@@ -196,7 +196,14 @@ def test_bench_method_names():
     assert [p.kind for p in m.parts] == ["fd", "tome"] and m.parts[0].param == "auto:9" and m.parts[1].ratio == 0.5
     assert m.family == "faster-diffusion + ToMe"
     assert peers.parse_method("fd-seq:paper+deepcache:3").family == "faster-diffusion (sequential) + DeepCache"
-    for bad in ("fd:paper+deepcache:2", "deepcache:2+fd-seq:paper", "tome:1.5", "fd:sometimes", "ddpm:3", "tome:0.3+tome:0.5"):
+    plan = peers.parse_method("plan:auto:2.5")
+    assert [p.kind for p in plan.parts] == ["plan"] and plan.parts[0].auto and plan.family == "planner"
+    assert plan.label == "planner auto:2.5"
+    explicit = peers.parse_method("plan:FDDE")
+    assert not explicit.parts[0].auto and explicit.family == "plan (explicit)"
+    assert peers.parse_method("plan:auto+tome:0.5").family == "planner + ToMe"
+    for bad in ("fd:paper+deepcache:2", "deepcache:2+fd-seq:paper", "tome:1.5", "fd:sometimes", "ddpm:3", "tome:0.3+tome:0.5",
+                "plan:auto:0.5", "plan:auto:x", "plan:DFF", "plan:FXQ", "plan:auto+deepcache:3", "plan:auto+fd:paper", "plan:"):
         with pytest.raises(ValueError):
             peers.parse_method(bad)
 
@@ -225,6 +232,59 @@ def test_peers_bench_runs(tmp_path, model_dir):
     if "deepcache:2" in rows:
         assert rows["deepcache:2"]["stats"]["full_unet_steps"] == 2
         assert rows["deepcache:2"]["psnr"] != "inf"
+
+
+def test_peers_bench_planner_batch_and_flops(tmp_path, model_dir, deepcache):
+    """plan:SPEC next to DeepCache at batch 2, with FLOPs: a plan of DeepCache's own steps (full, then deep) is
+    DeepCache's branch 0, so it draws the same images with the same FLOPs; plan:auto on a run the model ships no
+    calibration for (4 steps) gets one fitted before the warm-up, and reports its predicted speed-up."""
+    pytest.importorskip("skimage")
+    import peers
+
+    out = tmp_path / "planner"
+    methods = "stock,deepcache:2,plan:FDFD,fd:uniform:2,plan:auto:1.5"
+    assert peers.main(["--model", str(model_dir), "--num-prompts", "2", "--repeats", "2", "--warmup", "1", "--steps", "4",
+                       "--batch", "2", "--calibration-prompts", "1", "--threads", "1", "--methods", methods,
+                       "--out", str(out), "--plot", str(tmp_path / "frontier.png")]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert (result["batch"], result["images"], result["sampler"]) == (2, 4, "DDIM")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert result["plan_calibration"]["fitted"] and result["plan_calibration"]["validated_plan"].startswith("F")
+    rows = {r["method"]: r for r in result["methods"]}
+    assert list(rows) == methods.split(",")
+    stock = rows["stock"]
+    assert stock["flop_speedup_vs_stock"] == 1.0 and stock["gflops_per_image"] > stock["gflops_per_image_loop"] > 0
+    for r in rows.values():
+        # the planner re-plans every call (its step overhead is learned from each call's time): reproducible
+        # when the plan did not change
+        assert len(r["seconds"]) == 4 and (r["repeat_max_abs_diff"] == 0.0 or len(r.get("plans") or {}) > 1)
+        assert r["median_s_per_image"] == pytest.approx(r["median_s_per_call"] / 2)
+    # DeepCache interval 2 and the plan FDFD: the same arithmetic and the same images
+    assert rows["plan:FDFD"]["gflops_per_image"] == pytest.approx(rows["deepcache:2"]["gflops_per_image"], rel=1e-9)
+    assert rows["plan:FDFD"]["psnr"] == pytest.approx(rows["deepcache:2"]["psnr"], abs=0.05)
+    assert rows["plan:FDFD"]["plans"] == {"FDFD": 4}
+    # encoder propagation skips the encoder only; the deep level skips far more
+    assert 1 < rows["fd:uniform:2"]["flop_speedup_vs_stock"] < rows["deepcache:2"]["flop_speedup_vs_stock"]
+    auto = rows["plan:auto:1.5"]
+    assert auto["predicted_speedup"] >= 1.5 and auto["predicted_over_measured"] > 0
+    assert sum(auto["plans"].values()) == 4 and all(len(p) == 4 and p[0] == "F" for p in auto["plans"])
+    assert auto["stats"]["unet_flops"] < auto["stats"]["stock_unet_flops"]
+    assert "Plans of the timed calls" in out.with_suffix(".md").read_text()
+
+
+def test_peers_bench_sampler_from_the_table(tmp_path, model_dir):
+    pytest.importorskip("skimage")
+    import peers
+
+    out = tmp_path / "dpm"
+    assert peers.main(["--model", str(model_dir), "--num-prompts", "1", "--repeats", "1", "--warmup", "0", "--steps", "3",
+                       "--sampler", "dpmpp", "--no-flops", "--methods", "stock,plan:FSE", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert (result["sampler"], result["sampler_name"]) == ("DPM-Solver++", "DPMSolverMultistep")
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["plan:FSE"]["stats"]["plan"] == "FSE" and "gflops_per_image" not in rows["plan:FSE"]
+    with pytest.raises(SystemExit):
+        peers.main(["--sampler", "ddpm-nonesuch", "--out", str(tmp_path / "x")])
 
 
 def test_flops_peers_toy(tmp_path):
