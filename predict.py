@@ -29,6 +29,7 @@ from cog import BaseRunner, Input, Path
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
 from service import calibrations, safety
+from service.memory import release_freed_memory
 from service.cache import weights_identity
 from service.lora import applied_lora, resolve_lora
 from service.report import counted, passes_line
@@ -232,6 +233,7 @@ class Predictor(BaseRunner):
         if accel is not None:
             self._keep_made_calibrations(accel, scheduler, made_with_lora=lora_file is not None)
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
+        release_freed_memory()  # a new size's freed buffers back to the system: memory does not creep
         flags = getattr(result, "nsfw_content_detected", None)
         images = safety.kept_images(result.images, flags)
         if len(images) < len(result.images):
