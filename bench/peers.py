@@ -112,7 +112,7 @@ DEFAULT_METHODS = (
     "stock",
     "deepcache:2", "deepcache:3", "deepcache:4", "deepcache:5", "deepcache:6",
     "fd:uniform:3", "fd:auto", "fd:auto:12", "fd:auto:10",
-    "plan:auto", "plan:auto:1.5", "plan:auto:2", "plan:auto:2.5", "plan:auto:3", "plan:auto:3.5",
+    "plan:auto", "plan:auto:1.5", "plan:auto:2", "plan:auto:2.5", "plan:auto:3", "plan:auto:3.5", "plan:auto:4",
 )
 NOISE_INJECTION = 0.003
 DEEPCACHE_BRANCH = 0
@@ -804,7 +804,9 @@ def plot(result: dict, path: str | Path) -> None:
         xkeys.append(("flop_speedup_vs_stock", "speed-up in FLOPs vs stock (whole call, FlopCounterMode)"))
     for ax, (key, xlabel) in zip(axes[0], xkeys):
         for family, rows in families.items():
-            rows = sorted((r for r in rows if r.get(key)), key=lambda r: r[key] if family == "planner" else _plot_order(r))
+            # the planner along its knob (the speed-up it predicted), the others along theirs
+            rows = sorted((r for r in rows if r.get(key)),
+                          key=lambda r: (r.get("predicted_speedup") or 0, r[key]) if family == "planner" else _plot_order(r))
             label, colour = FAMILY_STYLE.get(family, (family, None))
             xs, ys = [r[key] for r in rows], [r["psnr"] for r in rows]
             ax.plot(xs, ys, marker="o", label=label, color=colour, linestyle="-" if len(rows) > 1 else "none")
