@@ -3,35 +3,16 @@
 
 import pytest
 import torch
-from tiny_pipelines import tiny_sd
+from conftest import SIZE, difference, sample
 
 import faster_diffusion
 from faster_diffusion.samplers import make_scheduler
 
-SIZE = 32  # pixels; 16x16 latents with the tiny VAE
 SCHEDULERS = ["ddim", "dpmsolver++", "dpmsolver", "euler", "euler_ancestral", "unipc", "pndm", "lms"]  # samplers.py aliases
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_sd()
 
 
 def use_scheduler(pipe, name):
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-
-
-def sample(pipe, prompt="a red square in the center", steps=12, seed=0, **kwargs):
-    kwargs.setdefault("output_type", "latent")
-    return pipe(
-        prompt, num_inference_steps=steps, height=SIZE, width=SIZE,
-        generator=torch.Generator().manual_seed(seed), **kwargs,
-    ).images
-
-
-def difference(a, b):
-    """Largest absolute difference relative to the latents' range (an untrained UNet's latents reach ~30)."""
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
 
 
 @pytest.fixture(autouse=True)

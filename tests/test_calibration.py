@@ -5,33 +5,20 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from tiny_pipelines import tiny_sd
+from conftest import SIZE, sample
 
 import faster_diffusion
 from faster_diffusion import Calibration
 from faster_diffusion.calibration import FeatureRecorder, _feature_tensors
 from faster_diffusion.unet_split import encoder_modules
 
-SIZE = 32  # pixels; 16x16 latents
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_sd()
+STEPS = 12  # conftest.sample's default
 
 
 @pytest.fixture(autouse=True)
 def stock_afterwards(pipe):
     yield
     faster_diffusion.disable(pipe)
-
-
-def sample(pipe, steps=STEPS, seed=0, prompt="a red square in the center"):
-    return pipe(
-        prompt, num_inference_steps=steps, height=SIZE, width=SIZE, output_type="latent",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
 
 
 def random_calibration(n, seed):

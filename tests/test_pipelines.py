@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
+from conftest import difference
 from tiny_pipelines import (
     SD_SCHEDULER,
     tiny_controlnet_sd,
@@ -42,10 +43,6 @@ CASES = {
     "sdxl-inpainting": (tiny_sdxl_inpaint, {"image": IMAGE, "mask_image": MASK, "strength": 0.99}, 19),
     "sdxl-controlnet": (tiny_controlnet_sdxl, {"image": IMAGE}, 20),
 }
-
-
-def difference(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import difference
 from tiny_pipelines import tiny_animatediff, tiny_if, tiny_if_superresolution, tiny_sd, tiny_text_to_video, tiny_unet
 
 import faster_diffusion
@@ -26,11 +27,6 @@ CASES = {
 # Parallel and sequential decoders round differently (one batched conv against several); the largest
 # gap measured is IF's, about 5e-5 of its [-1, 1] pixel range, after DDPM's dynamic thresholding.
 TOLERANCE = 1e-4
-
-
-def difference(a, b):
-    """Largest absolute difference relative to the outputs' range."""
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
 
 
 @functools.cache
