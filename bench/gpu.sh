@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU-side benchmark in one run, sized for < 8 minutes on one H100/H200,
+# Every GPU-side benchmark in one run, sized for < 10 minutes on one H100/H200,
 # with nothing to download on the machine:
 #   1. environment (GPU, driver, torch, diffusers)
-#   2. speed, eager:   SD1.5 architecture (random weights), 512², fp16, DDIM-50 and
-#                      DPM-Solver++-20, batch 1 and 4; stock / sequential / parallel
-#   3. peers (issue #13): faster-diffusion vs DeepCache and ToMe (bench/peers.py), same
-#                      model, 512² fp16 DDIM-50 batch 1, 4 prompts x 2 repeats: speed and
-#                      PSNR / SSIM to stock (no adherence: random weights) -> peers.json/.md
-#   4. speed, compiled: the same as 2 with torch.compile (per block) + channels_last
+#   2. peers: the planner (plan:auto, plan:auto:T) next to DeepCache, encoder propagation
+#                      and ToMe (bench/peers.py), SD1.5 architecture (random weights), 512²
+#                      fp16 DDIM-50 batch 1, 4 prompts x 2 repeats: speed, FLOPs of the whole
+#                      call (FlopCounterMode) and PSNR / SSIM to stock (no adherence: random
+#                      weights) -> peers.json/.md/.png. The planner's calibration (error model)
+#                      is fitted and validated on the GPU in the warm-up (~1 min), its cost
+#                      model measured on the GPU by its first call
+#   3. speed, eager:   the same model, DDIM-50 and DPM-Solver++-20, batch 1 and 4;
+#                      stock / sequential / parallel (encoder propagation, paper schedule)
+#   4. speed, compiled: DDIM-50 batch 1 with torch.compile (per block) + channels_last
 #   5. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
 #   6. summary tables (speed and FLOPs)
 # Results (JSON, markdown summary, this log) go to $OUT if set, else bench/results/.
 # Each step has its own timeout and the steps together a budget (BENCH_BUDGET_S, default
-# 450 s; the summary adds at most 30 s); results are written after every configuration
+# 540 s; the summary adds at most 30 s); results are written after every configuration
 # (peers: every repeat), so a step cut short keeps what it measured.
 #
 # diffusers, DeepCache and tomesd are not installed on the GPU machine (no internet there):
@@ -40,7 +44,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ "$SMOKE" = 1 ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python
 else PY=python3; fi
 
-BUDGET=${BENCH_BUDGET_S:-450}
+BUDGET=${BENCH_BUDGET_S:-540}
 START=$SECONDS
 FAILED=0
 
@@ -97,19 +101,23 @@ if [ "$SMOKE" = 1 ]; then
     T_EAGER=400; T_OPT=400; T_FLOPS=400; T_PEERS=400  # hang guards only: ~10 s each on an idle 2-core machine
     BUDGET=${BENCH_BUDGET_S:-1500}
 else
-    SPEED=(--device cuda --model sd15 --resolution 512 --dtype fp16 --samplers ddim:50,dpmpp:20 --batch 1,4 --repeats 5 --warmup 1)
+    SPEED=(--device cuda --model sd15 --resolution 512 --dtype fp16 --samplers ddim:50,dpmpp:20 --batch 1,4 --repeats 3 --warmup 1)
     MODES=(--modes stock,sequential,parallel,parallel:4)  # parallel:4 = max_parallel 4: the memory/speed trade-off
-    OPT=(--compile blocks --compile-dynamic true --channels-last)
+    OPT=(--compile blocks --compile-dynamic true --channels-last --samplers ddim:50 --batch 1)
     FLOPS=(--models sd15 --schedules paper)
-    # 10 methods x (4 prompts x 2 repeats + 1 warm-up) calls of ~1 s (stock) or less, + 2 calls that calibrate
-    # fd:auto's schedule (no shipped calibration for random weights): ~2 min with the start-up
-    PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1)
-    T_EAGER=170; T_OPT=240; T_FLOPS=60; T_PEERS=180
+    # 12 methods x (4 prompts x 2 repeats + 1 warm-up + 1 FLOP-counted) calls of ~1 s (stock) or less (~2 min);
+    # fitting the planner's error model on 2 captions (~1100 UNet calls of 2 rows, 3 runs of 40 images) and
+    # validating it (~10 runs) ~1.5 min; 1 call that calibrates fd:auto's schedule; start-up ~30 s
+    PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1
+           --calibration-prompts 2)
+    T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=300
 fi
-PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:paper,fd:uniform:3,fd:auto,fd:auto+tome:0.5
+PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:uniform:3,fd:auto,plan:auto,plan:auto:2,plan:auto:3,plan:auto:4
 
+# the planner's comparison first, so that a short device lease measures it before anything else
+step "peers (planner, DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" \
+    --out "$RESULTS/peers" --plot "$RESULTS/peers.png"
 step "speed (eager)" "$T_EAGER" "$PY" bench/speed.py "${SPEED[@]}" "${MODES[@]}" --json "$RESULTS/speed_eager.json"
-step "peers (DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" --out "$RESULTS/peers"
 step "speed (compile + channels_last)" "$T_OPT" "$PY" bench/speed.py "${SPEED[@]}" "${OPT[@]}" --json "$RESULTS/speed_compiled.json"
 step "flops" "$T_FLOPS" "$PY" bench/flops.py "${FLOPS[@]}" --json "$RESULTS/flops.json"
 # the summary reads JSON only (no torch import): outside the budget
