@@ -66,6 +66,7 @@ class Predictor(BaseRunner):
         self.store = calibrations.CalibrationStore(resolved.path, weights_identity(resolved.path))
         if not self.planner.is_controlnet:  # a ControlNet pipeline needs a control image: its first run calibrates
             self._calibrate_at_setup(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.planner.native_size)
+            self._warm_up()
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         checker = "on by default" if safety.has_checker(self.pipe) else "none in these weights"
@@ -75,6 +76,17 @@ class Predictor(BaseRunner):
             f"calibration cache {self.store.cache.folder}) in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
+
+    def _warm_up(self) -> None:
+        """One untimed run of the defaults: the planner measures this device's cost model for one image at
+        the native size (once per process) and chooses the default plan, so the first request does not."""
+        pipe = self.pipe
+        pipe.scheduler = self.schedulers[DEFAULT_SCHEDULER]
+        acceleration = Acceleration()
+        with accelerated(pipe, acceleration, self._calibrations_for(self.planner.plan(
+                image=None, mask=None, prompt_strength=1.0, width=None, height=None, num_outputs=1,
+                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration), DEFAULT_SCHEDULER)):
+            pipe("", num_inference_steps=DEFAULT_STEPS, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
 
     @property
     def calibrations(self) -> list:
