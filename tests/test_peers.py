@@ -15,19 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipelines import tiny_sd
+from conftest import difference
+from conftest import sample as shared_sample
 
 import faster_diffusion
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-SIZE = 32  # pixels; 16x16 latents with the tiny VAE: ToMe merges in the full-resolution transformer blocks
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_sd()
+# conftest.sample: 32 px, 16x16 latents with the tiny VAE: ToMe merges in the full-resolution transformer blocks
 
 
 @pytest.fixture
@@ -52,14 +48,7 @@ def sample(pipe, steps=12, seed=0):
     info = getattr(pipe.unet, "_tome_info", None)
     if info is not None:  # ToMe's generator, reseeded per call
         info["args"]["generator"] = torch.Generator().manual_seed(seed)
-    return pipe(
-        "a red square in the center", num_inference_steps=steps, height=SIZE, width=SIZE,
-        generator=torch.Generator().manual_seed(seed), output_type="latent",
-    ).images
-
-
-def difference(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+    return shared_sample(pipe, steps=steps, seed=seed)
 
 
 def enable_fd(pipe, parallel=True):

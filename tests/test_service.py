@@ -292,7 +292,8 @@ def test_the_default_plan_logs_its_levels_and_stays_close_to_stock(server, model
     assert psnr(a, b) > 30, f"PSNR {psnr(a, b):.1f} dB"
     faster = ok(server.predict(plan="auto:2.5", **inputs))  # the most faithful plan predicted 2.5x faster
     assert "schedule_source='auto:2.5 from " in faster["logs"], faster["logs"]
-    assert passes(faster["logs"])[0] <= encoder, faster["logs"]
+    if (model_dir / "calibration" / "DDIM-50steps-8x8.json").is_file():
+        assert float(re.search(r" predicted ([\d.]+)x ", faster["logs"]).group(1)) >= 2.5, faster["logs"]
 
 
 def test_img2img_and_inpainting_follow_the_input_image(server, model_dir):
@@ -421,16 +422,16 @@ def colours(body: dict) -> list[str | None]:
 @pytest.mark.parametrize("as_url", [True, False], ids=["file-url", "path"])
 def test_lora_draws_orange(server, model_dir, lora_file, as_url):
     source = lora_file.as_uri() if as_url else str(lora_file)
-    inputs = dict(prompt=ORANGE_PROMPT, seed=3, num_outputs=2)  # 50 DDIM steps, key_steps="auto": the defaults
+    inputs = dict(prompt=ORANGE_PROMPT, seed=3, num_outputs=2)  # 50 DDIM steps, plan="auto": the defaults
     with_lora = ok(server.predict(lora_weights=source, **inputs))
     assert f"lora_weights={source!r} lora_scale=1.0" in with_lora["logs"], with_lora["logs"]
-    encoder, decoder = passes(with_lora["logs"])
-    assert decoder == 50 and encoder < 50, with_lora["logs"]  # accelerated
+    encoder, _ = passes(with_lora["logs"])
+    assert encoder < 50, with_lora["logs"]  # accelerated
     without = ok(server.predict(**inputs))
     assert "lora_weights=" not in without["logs"]
     if model_dir == BUNDLED:  # the random-weights fallback has no orange to draw
         # the LoRA is not orange on every seed (80% stock, 70% under key_steps="auto": its README); its
-        # misses are the nearest palette colour, yellow
+        # misses are the nearest palette colour, yellow (plan="auto" was calibrated without the LoRA too)
         stock_with_lora = ok(server.predict(lora_weights=source, acceleration="none", **inputs))
         assert colours(stock_with_lora) == ["orange", "orange"], stock_with_lora["logs"]
         assert "orange" in colours(with_lora) and set(colours(with_lora)) <= {"orange", "yellow"}, with_lora["logs"]
@@ -692,4 +693,4 @@ def test_make_targets():
     assert dry.returncode == 0, dry.stderr
     assert "bash script/setup" in dry.stdout
     assert 'script/generate --prompt "a blue circle"' in dry.stdout
-    assert "COG_PREDICT_TYPE_STUB=predict.py:Predictor" in dry.stdout and "cog.server.http --host 127.0.0.1" in dry.stdout
+    assert "COG_PREDICT_TYPE_STUB=predict.py:Predictor" in dry.stdout and "service.serve --host 127.0.0.1" in dry.stdout
