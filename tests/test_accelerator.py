@@ -4,6 +4,7 @@
 import pytest
 import torch
 from conftest import SIZE, difference, sample
+from tiny_pipelines import tiny_sd
 
 import faster_diffusion
 from faster_diffusion.samplers import make_scheduler
