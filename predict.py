@@ -241,7 +241,7 @@ class Predictor(BaseRunner):
                 generator=torch.Generator("cpu").manual_seed(seed),
             )
             elapsed = time.perf_counter() - started
-        print(passes_line(accel, counter, acceleration), flush=True)
+        print(passes_line(accel, counter), flush=True)
         if accel is not None:
             self._keep_made_calibrations(accel, scheduler, made_with_lora=lora_file is not None)
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)

@@ -41,7 +41,7 @@ def counted(unet, accel):
         counter.remove()
 
 
-def passes_line(accel, counter, acceleration) -> str:
+def passes_line(accel, counter) -> str:
     """The log line of a run's schedule and UNet passes."""
     if accel is None:
         return (f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
@@ -55,5 +55,5 @@ def passes_line(accel, counter, acceleration) -> str:
         f"{plan}key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
         f"schedule_source={stats['schedule_source']!r} "
         f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
-        f"unet_calls={stats['unet_calls']} {acceleration.describe()}"
+        f"unet_calls={stats['unet_calls']} parallel={stats['parallel']} noise_injection={stats['noise_injection']}"
     )

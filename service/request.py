@@ -70,8 +70,6 @@ class Acceleration:
         schedule = {"key_steps": self.key_steps} if self.key_steps else {"plan": self.plan}
         return {**schedule, "parallel": self.parallel, "noise_injection": self.noise_injection}
 
-    def describe(self) -> str:
-        return f"parallel={self.parallel} noise_injection={self.noise_injection}"
 
 
 @contextlib.contextmanager
