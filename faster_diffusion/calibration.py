@@ -555,7 +555,8 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     sets ``level_correction[level]`` to its measured / predicted final-latent error. Then it runs the
     plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and picks again,
     until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``;
-    a plan measured below it stays predicted below it. ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
+    a plan measured below it stays predicted below it (``report["converged"]`` says whether the last pick
+    was measured and met it). ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
     model = calibration.error_model
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
@@ -580,7 +581,7 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             model.level_correction[level] = measured / predicted if predicted > 0 and measured > 0 else 1.0
             tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
                           "predicted_snr_db": round(model.snr_db(predicted), 2)})
-        cost, floor = None, 0.0
+        cost, floor, converged = None, 0.0, False
         least_error = model.signal / 10 ** (min_snr_db / 10)  # the error at the target
         for _ in range(iterations):
             measured, accel = measure("auto")
@@ -594,12 +595,14 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                 floor = max(floor, 1.0001 * least_error / raw)
             if raw > 0 and measured > 0:
                 model.correction = max(measured / raw, floor)
-            if passed and plan_letters(choose(AutoPlan(), model, cost).levels) == levels:
+            converged = passed and plan_letters(choose(AutoPlan(), model, cost).levels) == levels
+            if converged:
                 break
+    plan = plan_letters(choose(AutoPlan(), model, cost).levels)  # what auto picks from now on
     report = {"min_snr_db": min_snr_db, "level_correction": dict(model.level_correction), "correction": model.correction,
-              "tried": tried, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}
+              "tried": tried, "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}
     model.info["validation"] = report
-    return tried[-1]["plan"], report
+    return plan, report
 
 
 def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, sweeps: int = 3, moves=(-2, -1, 1, 2), **call_kwargs):
