@@ -30,6 +30,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
 from service import calibrations, safety
 from service.memory import release_freed_memory
+from service.plans import CostModelStore
 from service.cache import weights_identity
 from service.lora import applied_lora, resolve_lora
 from service.report import counted, passes_line
@@ -64,9 +65,11 @@ class Predictor(BaseRunner):
         self.schedulers = {name: make_scheduler(name, self.base_config) for name in SCHEDULERS}
         self.calibration_prompts = calibrations.calibration_prompts(resolved.path)
         self.store = calibrations.CalibrationStore(resolved.path, weights_identity(resolved.path))
+        self.cost_models = CostModelStore(self.pipe.unet, weights_identity(resolved.path), self.device)
         if not self.planner.is_controlnet:  # a ControlNet pipeline needs a control image: its first run calibrates
             self._calibrate_at_setup(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.planner.native_size)
             self._warm_up()
+            self.cost_models.save_new()
         self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         checker = "on by default" if safety.has_checker(self.pipe) else "none in these weights"
@@ -244,6 +247,7 @@ class Predictor(BaseRunner):
         print(passes_line(accel, counter), flush=True)
         if accel is not None:
             self._keep_made_calibrations(accel, scheduler, made_with_lora=lora_file is not None)
+            self.cost_models.save_new()
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
         release_freed_memory()  # a new size's freed buffers back to the system: memory does not creep
         flags = getattr(result, "nsfw_content_detected", None)

@@ -16,7 +16,7 @@ and ``noise_injection_timestep`` (prior noise injection: adds
 ``noise_injection * z_T`` to the latent at steps with t below the threshold).
 """
 
-from .accelerator import AcceleratorConfig, FasterDiffusion
+from .accelerator import AcceleratorConfig, FasterDiffusion, cost_models
 from .compile import compile_blocks, uncompile
 from .calibration import Calibration, calibrate, refine, validate, validate_plan
 from .plan import ErrorModel, CostModel, frontier, parse_plan, plan_letters
@@ -24,7 +24,7 @@ from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse
 from .unet_split import LEVELS, SUPPORTED_UNETS
 
 __all__ = [
-    "FasterDiffusion", "AcceleratorConfig", "enable", "disable", "compile_blocks", "uncompile", "calibrate", "refine", "validate", "validate_plan",
+    "FasterDiffusion", "AcceleratorConfig", "cost_models", "enable", "disable", "compile_blocks", "uncompile", "calibrate", "refine", "validate", "validate_plan",
     "Calibration", "ErrorModel", "CostModel", "frontier", "parse_plan", "plan_letters", "LEVELS",
     "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
 ]

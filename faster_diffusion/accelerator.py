@@ -162,7 +162,7 @@ class FasterDiffusion:
         self.config = config or AcceleratorConfig()
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
-        self.cost_models: dict[tuple, CostModel] = _COST_MODELS.setdefault(self.unet, {})  # measured on this device
+        self.cost_models: dict[tuple, CostModel] = cost_models(self.unet)  # measured on this device, shared
         self.stats: dict = {}
         self._run: _Run | None = None
         self._mode = StepMode()
@@ -627,6 +627,14 @@ def _choose(spec, model, cost, parallel, max_parallel):
     choice = choose(spec, model, cost, parallel, max_parallel)
     _CHOICES[key] = (model, cost, choice)
     return choice
+
+
+def cost_models(unet) -> dict:
+    """The cost models measured in this process for ``unet`` (a pipeline's or the UNet itself), keyed by
+    ``(sample shape, dtype, device)``: the dictionary itself, so that a server can save them and put
+    them back after a restart (``CostModel.to_dict`` / ``from_dict``) instead of measuring again."""
+    unet = getattr(unet, "unet", unet)
+    return _COST_MODELS.setdefault(unet, {})
 
 
 def _as_calibrations(calibration) -> list[Calibration]:

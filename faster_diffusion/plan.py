@@ -237,6 +237,15 @@ class CostModel:
     flops: dict[str, float] = field(default_factory=dict)  # full, encoder, shallow, deep: FLOPs of one call
     info: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return {"full": {str(g): t for g, t in self.full.items()}, "level": dict(self.level),
+                "step_overhead": self.step_overhead, "flops": dict(self.flops), "info": self.info}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostModel":
+        return cls({int(g): float(t) for g, t in data["full"].items()}, {k: float(v) for k, v in data["level"].items()},
+                   float(data["step_overhead"]), {k: float(v) for k, v in data.get("flops", {}).items()}, data.get("info", {}))
+
     def full_group(self, g: int) -> float:
         """A full step with g decoders: measured sizes, linear in between and beyond."""
         sizes = sorted(self.full)

@@ -1,0 +1,51 @@
+"""The planner's cost models, kept in the cache directory: a restarted server plans as before it stopped.
+
+The accelerator measures a cost model per sample shape, dtype and device on first use
+(``faster_diffusion.plan``); that is most of what a new setting's first request costs over its
+repeat. The entries are keyed by the weights (``cache.weights_identity``) and the device (its name
+and the torch threads), so another card or CPU measures its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+
+import torch
+
+import faster_diffusion
+from faster_diffusion.plan import CostModel
+
+from .cache import JsonCache
+
+logger = logging.getLogger("faster_diffusion.service")
+
+
+def device_identity(device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}-{os.cpu_count()}cpu"
+    return f"{name}-{torch.get_num_threads()}threads"
+
+
+class CostModelStore:
+    """Loads the cached cost models of ``unet`` at setup; ``save_new`` writes the ones measured since."""
+
+    def __init__(self, unet, weights_identity: str, device: str):
+        identity = hashlib.sha256(f"{weights_identity}/{device_identity(device)}".encode()).hexdigest()[:16]
+        self.cache = JsonCache("cost-models", identity)
+        self.models = faster_diffusion.cost_models(unet)  # the accelerator's own dictionary
+        for path, data in self.cache.load_all():
+            try:
+                key = (tuple(data["key"][0]), data["key"][1], data["key"][2])
+                self.models.setdefault(key, CostModel.from_dict(data["model"]))
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                logger.warning("cache: skipping %s: not a cost model (%s)", path, err)
+        self.saved = set(self.models)
+
+    def save_new(self) -> None:
+        for key, model in list(self.models.items()):
+            if key not in self.saved:
+                name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+                self.cache.put(name, {"key": [list(key[0]), key[1], key[2]], "model": model.to_dict()})
+                self.saved.add(key)

@@ -1,0 +1,38 @@
+"""The service keeps the planner's cost models in its cache directory across restarts."""
+
+import logging
+
+import pytest
+from tiny_pipelines import tiny_unet
+
+import faster_diffusion
+from faster_diffusion.plan import CostModel
+from service.plans import CostModelStore
+
+KEY = ((2, 4, 8, 8), "torch.float32", "cpu")
+
+
+def cost_model() -> CostModel:
+    return CostModel({1: 0.02, 2: 0.03, 4: 0.04, 8: 0.06}, {"encoder": 0.014, "shallow": 0.009, "deep": 0.003}, 0.002,
+                     {"full": 1e8, "encoder": 7e7, "shallow": 4e7, "deep": 1.4e7}, {"device": "cpu"})
+
+
+def test_cost_models_survive_a_restart_and_bad_files_are_skipped(caplog):
+    unet = tiny_unet()
+    store = CostModelStore(unet, "weights-a", "cpu")
+    assert store.models is faster_diffusion.cost_models(unet) and store.models == {}
+    store.models[KEY] = cost_model()
+    store.save_new()
+    (store.cache.folder / "junk.json").write_text("{not json")
+    restarted = tiny_unet()  # a new process: a new UNet object, an empty dictionary
+    with caplog.at_level(logging.WARNING):
+        loaded = CostModelStore(restarted, "weights-a", "cpu").models
+    assert loaded[KEY] == cost_model() and faster_diffusion.cost_models(restarted) is loaded
+    assert any("junk.json" in record.getMessage() for record in caplog.records)
+    assert CostModelStore(tiny_unet(), "weights-b", "cpu").models == {}  # other weights: their own
+
+
+def test_cost_model_round_trip():
+    assert CostModel.from_dict(cost_model().to_dict()) == cost_model()
+    with pytest.raises(KeyError):
+        CostModel.from_dict({"level": {}})
