@@ -5,7 +5,8 @@ weights/stable-diffusion-v1-5, else the bundled weights/tiny-shapes toy model;
 SD1.x/2.x, SDXL or a ControlNet pipeline, as the weights' model_index.json says,
 with the weights' safety checker when they ship one), derives the img2img and
 inpainting pipelines from it (shared modules, no copy), builds every scheduler and
-makes sure the default sampler has a calibration at the native size. run() holds the
+makes sure the default sampler has a calibration at the native size (with the error model of
+plans) and warms up the planner's cost model (kept on disk by service.plans). run() holds the
 inputs and the sequence of steps; the concerns live in service/: planning and
 checking a request (service.request), the calibrations (service.calibrations, cached
 on disk by service.cache), the LoRA (service.lora), the safety checker

@@ -1,10 +1,11 @@
-"""faster-diffusion: training-free Stable Diffusion acceleration by UNet encoder propagation.
+"""faster-diffusion: training-free Stable Diffusion acceleration by reusing UNet features across steps.
 
     import faster_diffusion
-    accel = faster_diffusion.enable(pipe, key_steps="paper", parallel=True, noise_injection=0.003)
+    accel = faster_diffusion.enable(pipe, plan="auto")   # or key_steps="paper": the paper's encoder propagation
     image = pipe("a photo of a cat", num_inference_steps=50).images[0]   # the ordinary call
-    accel.stats                     # encoder / decoder passes of the last call
+    accel.stats                     # the plan, passes, predicted and measured speed-up of the last call
     faster_diffusion.disable(pipe)  # the stock pipeline again
+    faster_diffusion.compile_blocks(pipe)   # torch.compile below the hooks (docs/compile.md)
 
 Important args: ``plan`` (``"auto"`` / ``"auto:T"``: the level of reuse of every step, chosen
 from the model's calibration and this device's costs; see ``faster_diffusion.plan``), or
