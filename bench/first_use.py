@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     import faster_diffusion
-    from faster_diffusion.accelerator import shipped_calibrations
+    from faster_diffusion.calibration import shipped_calibrations
     from faster_diffusion.quality import shapes
     from faster_diffusion.quality.evaluate import GUIDANCE, fidelity, prompt_set
     from service import calibrations

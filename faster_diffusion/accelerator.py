@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import CALIBRATION_DIR, Calibration, FeatureRecorder, run_info, shipped_calibrations  # noqa: F401
+from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibrations
 from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
@@ -54,6 +54,7 @@ from .unet_split import (
     ReplayHook,
     StepMode,
     add_hook,
+    add_replay_hooks,
     as_float,
     bind_unet_call,
     frames_per_row,
@@ -128,6 +129,7 @@ class _Run:
     output_class: type | None = None  # the UNet's own output class, for the steps answered from `precomputed`
     initial_latent: torch.Tensor | None = None
     scheduler_steps: int = 0
+    groups: dict | None = None  # first step -> the steps whose decoders its UNet call runs (from the levels, once)
     calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call
     controlnet_passes: int = 0
     cost: CostModel | None = None  # this device's cost model, for plans
@@ -226,14 +228,10 @@ class FasterDiffusion:
     def _hook_modules(self) -> None:
         """Hooks every module some level replays. Called by enable() and at every run: a LoRA loaded or
         unloaded since may have swapped one (peft wraps a targeted conv_in in a new module)."""
-        modules = replayed_modules(self.unet)
-        if [module for module, _ in self._replay_hooks] == list(modules):
+        if [module for module, _ in self._replay_hooks] == list(replayed_modules(self.unet)):
             return
         self._unhook_modules()
-        for module, (replayed_at, shared) in modules.items():
-            hook = ReplayHook(self._mode, replayed_at, shared)
-            add_hook(module, hook, ENCODER_HOOK)
-            self._replay_hooks.append((module, hook))
+        self._replay_hooks = add_replay_hooks(self.unet, self._mode, ENCODER_HOOK)
 
     def _unhook_modules(self) -> None:
         for module, _ in self._replay_hooks:
@@ -463,7 +461,6 @@ class FasterDiffusion:
             call["timestep"] = torch.stack([torch.as_tensor(t).to(sample.device).expand(rows) for t in timesteps]).flatten()
         mode = self._mode
         mode.active, mode.level, mode.rows, mode.group_size = True, level, rows * frames, group
-        mode.keep_decoder = self._run is not None and any(lv in DECODER_REPLAYING for lv in self._run.levels or ())
         try:
             return original_forward(**call, return_dict=True)
         finally:
@@ -479,8 +476,7 @@ class FasterDiffusion:
         cuda = sample.device.type == "cuda"
         t = call["timestep"]
         levels = [lv for lv in supported_levels(self.unet) if lv != FULL]
-        keep = self._run.levels
-        self._run.levels = [FULL] + levels  # so that decoder modules keep their outputs for the replaying levels
+        keep, self._mode.keep_decoder = self._mode.keep_decoder, True  # decoder outputs for the replaying levels
 
         def seconds(level, group):
             if cuda:
@@ -498,7 +494,7 @@ class FasterDiffusion:
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
             flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
-        self._run.levels = keep
+        self._mode.keep_decoder = keep
         least = {k: min(v) for k, v in timings.items()}
         # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
@@ -541,6 +537,9 @@ class FasterDiffusion:
             self._resolve_timesteps(timestep)
         if run.levels is None:
             self._resolve_levels(original_forward, call)
+        if run.groups is None:
+            run.groups = {g[0]: g for g in decoder_groups(run.levels, self.parallel, self.max_parallel)}
+            self._mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
         i = run.step
         run.step += 1
         if i >= len(run.timesteps):
@@ -551,7 +550,7 @@ class FasterDiffusion:
             _check_timestep(timestep, t, i)
             return _output(noise_pred, return_dict, run.output_class)
 
-        steps = self._decoder_steps(i)
+        steps = run.groups.get(i, [i])
         if len(steps) > 1:
             _check_timestep(timestep, run.timesteps[i], i)
         level = run.levels[i]
@@ -562,14 +561,6 @@ class FasterDiffusion:
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
-
-    def _decoder_steps(self, i: int) -> list[int]:
-        """The steps whose decoders run in the UNet call of step ``i``."""
-        run = self._run
-        for group in decoder_groups(run.levels, self.parallel, self.max_parallel):
-            if group[0] == i:
-                return group
-        return [i]
 
 
 class _UNetHook(ModelHook):

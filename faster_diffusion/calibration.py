@@ -39,14 +39,13 @@ from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, pl
 from .unet_split import (
     FULL,
     ModelHook,
-    ReplayHook,
     StepMode,
     add_hook,
+    add_replay_hooks,
     as_float,
     bind_unet_call,
     encoder_modules,
     remove_hook,
-    replayed_modules,
     supported_levels,
 )
 
@@ -489,11 +488,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in levels}
     directions = {}  # step -> the error of the least computed level two steps after a full step
     mode = StepMode(keep_decoder=True)
-    hooks = []
-    for module, (replayed_at, shared) in replayed_modules(unet).items():
-        hook = ReplayHook(mode, replayed_at, shared)
-        add_hook(module, hook, RECORDER_HOOK)
-        hooks.append(module)
+    hooks = add_replay_hooks(unet, mode, RECORDER_HOOK)
     try:
         for a in range(n - 1):
             for level in levels:
@@ -507,7 +502,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
                             directions[j] = difference
     finally:
         mode.active = False
-        for module in hooks:
+        for module, _ in hooks:
             remove_hook(module, RECORDER_HOOK)
     # 2. sensitivity: the final latent's squared change per squared change of one step's output, several steps
     # a pipeline call (one copy of the prompts each). The change is a small multiple of a real reuse error:

@@ -247,13 +247,12 @@ class CostModel:
                    float(data["step_overhead"]), {k: float(v) for k, v in data.get("flops", {}).items()}, data.get("info", {}))
 
     def full_group(self, g: int) -> float:
-        """A full step with g decoders: measured sizes, linear in between and beyond."""
+        """A full step with g decoders: the measured sizes, linear between them and past the largest."""
         sizes = sorted(self.full)
-        if g in self.full:
-            return self.full[g]
-        return float(np.interp(g, sizes, [self.full[s] for s in sizes], right=None)) if g <= sizes[-1] else (
-            self.full[sizes[-1]] + (g - sizes[-1]) * (self.full[sizes[-1]] - self.full[sizes[-2]]) / (sizes[-1] - sizes[-2])
-        )
+        if g <= sizes[-1]:
+            return float(np.interp(g, sizes, [self.full[s] for s in sizes]))
+        last, before = sizes[-1], sizes[-2]
+        return self.full[last] + (g - last) * (self.full[last] - self.full[before]) / (last - before)
 
     def call_seconds(self, level: str, g: int) -> float:
         if level == FULL:
@@ -269,7 +268,7 @@ class CostModel:
     def stock_seconds(self, n: int) -> float:
         return n * (self.full[1] + self.step_overhead)
 
-    def plan_flops(self, levels, parallel=True, max_parallel=None) -> float | None:
+    def plan_flops(self, levels) -> float | None:
         """UNet FLOPs of a plan (grouped decoders do the same work as separate ones)."""
         if not self.flops:
             return None

@@ -184,6 +184,16 @@ def replayed_modules(unet) -> dict[torch.nn.Module, tuple[frozenset, bool]]:
     return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
 
 
+def add_replay_hooks(unet, mode: StepMode, name: str) -> list[tuple[torch.nn.Module, ReplayHook]]:
+    """A ``ReplayHook`` named ``name`` on every module some level replays; returns (module, hook) pairs."""
+    hooks = []
+    for module, (replayed_at, shared) in replayed_modules(unet).items():
+        hook = ReplayHook(mode, replayed_at, shared)
+        add_hook(module, hook, name)
+        hooks.append((module, hook))
+    return hooks
+
+
 def supported_levels(unet) -> tuple[str, ...]:
     return (FULL, ENCODER) if isinstance(unet, VIDEO_UNETS) else LEVELS
 

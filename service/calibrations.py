@@ -30,10 +30,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import faster_diffusion
-from faster_diffusion.accelerator import CALIBRATION_DIR, shipped_calibrations
+from faster_diffusion.calibration import CALIBRATION_DIR, shipped_calibrations
 
 from .cache import JsonCache
 from .schedulers import make_scheduler

@@ -8,7 +8,7 @@ import torch
 from conftest import SIZE, difference, sample
 
 import faster_diffusion
-from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters
+from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, segments
 from faster_diffusion.unet_split import DEEP, ENCODER, FULL, SHALLOW
 
 STEPS = 12
@@ -150,19 +150,13 @@ def test_the_frontier_is_the_exact_least_error_plan_for_each_time(seed):
     model, cost = random_models(n, seed)
     plans = [(FULL,) + rest for rest in itertools.product((FULL, ENCODER, SHALLOW, DEEP), repeat=n - 1)]
     homogeneous = [p for p in plans if all(len({lv for lv in p[s : s + m] if lv != FULL} - {FULL}) <= 1
-                                           for s, m, _ in _segments(p))]
+                                           for s, m, _ in segments(p))]
     scored = [(cost.plan_seconds(p), model.predicted_error(p), p) for p in homogeneous]
     found = frontier(model, cost, bins=1000)
     assert found and all(a.seconds < b.seconds and a.error > b.error for a, b in zip(found, found[1:]))
     for choice in found:
         best = min(e for s, e, _ in scored if s <= choice.seconds + 1e-9)
         assert choice.error == pytest.approx(best, rel=1e-9, abs=1e-12)
-
-
-def _segments(plan):
-    from faster_diffusion.plan import segments
-
-    return segments(plan)
 
 
 def test_auto_t_is_the_most_faithful_plan_predicted_t_times_faster():

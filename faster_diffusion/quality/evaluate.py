@@ -112,7 +112,7 @@ def _scheduler(pipe, sampler: str):
 
 def _shipped_calibration(pipe, num_steps: int):
     """The model directory's calibration for the pipeline's scheduler at ``num_steps`` (None if none)."""
-    from faster_diffusion.accelerator import shipped_calibrations
+    from faster_diffusion.calibration import shipped_calibrations
 
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_steps)
