@@ -351,7 +351,7 @@ class FasterDiffusion:
         choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel)
         run.planning = time.perf_counter() - started
         run.levels = list(choice.levels)
-        run.predicted_speedup = round(choice.speedup(run.cost), 3)
+        run.predicted_speedup = round(choice.time_speedup(run.cost), 3)
         snr = calibration.error_model.snr_db(choice.error)
         run.schedule_source = f"{spec} from {source} (predicted {run.predicted_speedup:.2f}x, {snr:.1f} dB)"
 

@@ -17,7 +17,13 @@ A plan is a sequence of *segments*: a full step followed by steps of one cheaper
 that full step's features. A segment's predicted final-latent error adds its steps' errors
 coherently (they share one stale cache), segments add independently; ``correction`` scales it to
 what validation on outputs measured. ``frontier`` finds, by dynamic programming over the segments,
-the least-error plan for every predicted time, exactly for this model.
+the least-error plan for every predicted cost, exactly for this model.
+
+A plan's *cost* is the larger of two predictions: its time on this device, and its time on a
+compute-bound device, where each call takes its share of a full call's FLOPs. "T times faster" means
+both. An idle device runs small batched decoder calls almost for free, so encoder-propagated groups
+time well at batch 1; once the device is busy (larger batches or images, other requests) a call costs
+its FLOPs, and a plan chosen on idle timings loses (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -268,6 +274,16 @@ class CostModel:
     def stock_seconds(self, n: int) -> float:
         return n * (self.full[1] + self.step_overhead)
 
+    def busy_seconds(self, levels) -> float:
+        """The plan's time on a compute-bound device: every UNet call its FLOPs' share of a full call."""
+        if not self.flops:
+            return 0.0
+        return sum(self.full[1] * self.flops[level] / self.flops[FULL] + self.step_overhead for level in levels)
+
+    def plan_cost(self, levels, parallel=True, max_parallel=None) -> float:
+        """What the planner minimises: the larger of the plan's time here and on a compute-bound device."""
+        return max(self.plan_seconds(levels, parallel, max_parallel), self.busy_seconds(levels))
+
     def plan_flops(self, levels) -> float | None:
         """UNet FLOPs of a plan (grouped decoders do the same work as separate ones)."""
         if not self.flops:
@@ -278,23 +294,30 @@ class CostModel:
 @dataclass
 class Choice:
     levels: tuple[str, ...]
-    seconds: float
+    seconds: float  # predicted time on this device
     error: float
+    cost: float  # ``CostModel.plan_cost``: seconds, or the compute-bound time if larger
 
     def speedup(self, cost: CostModel) -> float:
+        """Predicted speed-up on this device and on a compute-bound one, whichever is less."""
+        return cost.stock_seconds(len(self.levels)) / self.cost
+
+    def time_speedup(self, cost: CostModel) -> float:
+        """Predicted speed-up in time on this device."""
         return cost.stock_seconds(len(self.levels)) / self.seconds
 
 
 def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None, levels=CHEAP_LEVELS, bins: int = 40) -> list[Choice]:
-    """The least-error plan for every predicted time (its Pareto front: faster plans have more error).
+    """The least-error plan for every predicted cost (its Pareto front: cheaper plans have more error).
 
-    Dynamic programming over segment boundaries with time in ``1 / bins`` of a full step: exact for the
-    error model up to that rounding; each plan's time is then recomputed exactly."""
+    Dynamic programming over segment boundaries with cost in ``1 / bins`` of a full step: exact for the
+    error model up to that rounding, with a plan's cost taken as the sum of its segments' ``plan_cost``
+    (never less than the plan's own); each plan's time and cost are then recomputed exactly."""
     n = model.num_steps
     unit = cost.full[1] / bins
-    horizon = int(np.ceil(cost.plan_seconds((FULL,) * n, parallel, max_parallel) / unit)) + n + 1
+    horizon = int(np.ceil(cost.plan_cost((FULL,) * n, parallel, max_parallel) / unit)) + n + 1
     options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
-    spans = [int(round(cost.plan_seconds((FULL,) + (lv,) * (m - 1), parallel, max_parallel) / unit)) for m, lv in options]
+    spans = [int(round(cost.plan_cost((FULL,) + (lv,) * (m - 1), parallel, max_parallel) / unit)) for m, lv in options]
     best = np.full((n + 1, horizon + 1), np.inf)
     best[0, 0] = 0.0
     back = np.full((n + 1, horizon + 1), -1, dtype=np.int16)  # the option of the last segment ending there
@@ -320,18 +343,19 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
                 plan[:0] = [FULL] + [level] * (length - 1)
                 end, tb = end - length, tb - spans[o]
             plan = tuple(plan)
-            choices.append(Choice(plan, cost.plan_seconds(plan, parallel, max_parallel), model.predicted_error(plan)))
-    return sorted(choices, key=lambda c: c.seconds)
+            choices.append(Choice(plan, cost.plan_seconds(plan, parallel, max_parallel), model.predicted_error(plan),
+                                  cost.plan_cost(plan, parallel, max_parallel)))
+    return sorted(choices, key=lambda c: c.cost)
 
 
 def choose(spec: AutoPlan, model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None) -> Choice:
-    """``auto``: the fastest plan predicted within the model's ``target_snr_db``; ``auto:T``: the most
-    faithful plan predicted at least T times faster than stock (the fastest plan if none is)."""
+    """``auto``: the cheapest plan predicted within the model's ``target_snr_db``; ``auto:T``: the most
+    faithful plan predicted at least T times faster than stock, here and on a compute-bound device (the
+    cheapest plan if none is)."""
     min_snr_db = model.target_snr_db
     choices = frontier(model, cost, parallel, max_parallel)
-    stock = cost.stock_seconds(model.num_steps)
     if spec.speedup is None:
         good = [c for c in choices if model.snr_db(c.error) >= min_snr_db]
-        return min(good, key=lambda c: c.seconds) if good else max(choices, key=lambda c: c.seconds)
-    fast = [c for c in choices if stock / c.seconds >= spec.speedup]
-    return min(fast, key=lambda c: c.error) if fast else min(choices, key=lambda c: c.seconds)
+        return min(good, key=lambda c: c.cost) if good else max(choices, key=lambda c: c.cost)
+    fast = [c for c in choices if c.speedup(cost) >= spec.speedup]
+    return min(fast, key=lambda c: c.error) if fast else min(choices, key=lambda c: c.cost)

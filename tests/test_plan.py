@@ -153,7 +153,7 @@ def test_the_frontier_is_the_exact_least_error_plan_for_each_time(seed):
                                            for s, m, _ in segments(p))]
     scored = [(cost.plan_seconds(p), model.predicted_error(p), p) for p in homogeneous]
     found = frontier(model, cost, bins=1000)
-    assert found and all(a.seconds < b.seconds and a.error > b.error for a, b in zip(found, found[1:]))
+    assert found and all(a.cost < b.cost and a.error > b.error for a, b in zip(found, found[1:]))
     for choice in found:
         best = min(e for s, e, _ in scored if s <= choice.seconds + 1e-9)
         assert choice.error == pytest.approx(best, rel=1e-9, abs=1e-12)
@@ -170,6 +170,29 @@ def test_auto_t_is_the_most_faithful_plan_predicted_t_times_faster():
     assert fastest.seconds == min(c.seconds for c in frontier(model, cost))
     model.target_snr_db = -np.inf  # anything goes: auto is the fastest plan
     assert choose(AutoPlan(), model, cost).seconds == fastest.seconds
+
+
+def test_t_times_faster_means_here_and_on_a_compute_bound_device():
+    """Batched encoder decoders time cheap on an idle device; with FLOPs known, a plan counts as T times
+    faster only if its FLOPs are T times fewer too, and the frontier is exact for that cost."""
+    n = 7
+    model, cost = random_models(n, 1)
+    cost.full = {1: 1.0, 2: 1.05, 4: 1.15, 8: 1.35}  # decoders nearly free in a batch: encoder plans time well
+    cost.flops = {FULL: 10.0, ENCODER: 7.0, SHALLOW: 4.0, DEEP: 1.5}
+    plans = [(FULL,) + rest for rest in itertools.product((FULL, ENCODER, SHALLOW, DEEP), repeat=n - 1)]
+    homogeneous = [p for p in plans if all(len(set(p[s + 1 : s + m])) <= 1 for s, m, _ in segments(p))]
+    stock = cost.stock_seconds(n)
+    for target in (1.5, 2.0, 2.5):
+        choice = choose(AutoPlan(target), model, cost)
+        assert stock / choice.seconds >= target and stock / cost.busy_seconds(choice.levels) >= target
+        assert choice.cost == pytest.approx(max(choice.seconds, cost.busy_seconds(choice.levels)))
+        # no plan whose segments cost at most T times less is more faithful
+        fast = [p for p in homogeneous if stock / sum(cost.plan_cost((FULL,) + (p[s + 1],) * (m - 1) if m > 1 else (FULL,))
+                                                      for s, m, _ in segments(p)) >= target]
+        assert choice.error == pytest.approx(min(model.predicted_error(p) for p in fast), rel=1e-9)
+    time_only = CostModel(cost.full, cost.level, cost.step_overhead)  # without FLOPs: time alone
+    assert ENCODER in choose(AutoPlan(2.5), model, time_only).levels
+    assert ENCODER not in choose(AutoPlan(2.5), model, cost).levels
 
 
 def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
