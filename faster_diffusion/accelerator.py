@@ -608,7 +608,7 @@ _CHOICES: dict = {}  # (spec, error model, cost model, their state, options) -> 
 def _choose(spec, model, cost, parallel, max_parallel):
     """``plan.choose``, solved once per spec, error model and cost model in their current state (the dynamic
     programme takes longer than a small model's whole run)."""
-    key = (str(spec), id(model), id(cost), model.correction, tuple(sorted(model.level_correction.items())),
+    key = (str(spec), id(model), id(cost), model.correction, tuple((k, tuple(v)) for k, v in sorted(model.level_correction.items())),
            model.target_snr_db, cost.step_overhead, parallel, max_parallel)
     found = _CHOICES.get(key)
     if found is not None and found[0] is model and found[1] is cost:

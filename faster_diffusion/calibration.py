@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters
+from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters, segments
 from .unet_split import (
     FULL,
     ModelHook,
@@ -543,11 +543,12 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
 
 
 def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_snr_db: float = DEFAULT_PLAN_SNR_DB,
-                  probe_interval: int = 4, iterations: int = 8, **call_kwargs):
+                  iterations: int = 8, **call_kwargs):
     """Scales the error model of plans to what outputs show, and checks ``plan="auto"`` on them.
 
-    First, for each level, a uniform plan (a full step, then ``probe_interval - 1`` steps at that level)
-    sets ``level_correction[level]`` to its measured / predicted final-latent error. Then it runs the
+    First, for each level and each segment length m, a uniform plan (a full step every m steps, the others
+    at that level) sets ``level_correction[level][m - 2]`` to its measured / predicted final-latent error.
+    Then it runs the
     plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and picks again,
     until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``;
     a plan measured below it stays predicted below it (``report["converged"]`` says whether the last pick
@@ -570,12 +571,19 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             return error, accel
 
         for level in model.error:
-            probe = [FULL if i % probe_interval == 0 else level for i in range(n)]
-            measured, _ = measure(probe)
-            predicted = model.predicted_error(probe)
-            model.level_correction[level] = measured / predicted if predicted > 0 and measured > 0 else 1.0
-            tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
-                          "predicted_snr_db": round(model.snr_db(predicted), 2)})
+            corrections = model.level_correction[level] = [1.0] * (model.max_run - 1)
+            for length in range(2, model.max_run + 1):
+                probe = [FULL if i % length == 0 else level for i in range(n)]
+                measured, _ = measure(probe)
+                # the probe's segments of this length take what its shorter last segment (corrected) leaves
+                errors = [(m == length, model.segment_error(a, m, level)) for a, m, _ in segments(probe)]
+                of_length = sum(e for same, e in errors if same)
+                rest = sum(e for same, e in errors if not same)
+                if of_length > 0 and measured > rest:
+                    corrections[length - 2] = (measured - rest) / of_length
+                predicted = model.predicted_error(probe)
+                tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
+                              "predicted_snr_db": round(model.snr_db(predicted), 2)})
         cost, floor, converged = None, 0.0, False
         least_error = model.signal / 10 ** (min_snr_db / 10)  # the error at the target
         for _ in range(iterations):
@@ -594,7 +602,7 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             if converged:
                 break
     plan = plan_letters(choose(AutoPlan(), model, cost).levels)  # what auto picks from now on
-    report = {"min_snr_db": min_snr_db, "level_correction": dict(model.level_correction), "correction": model.correction,
+    report = {"min_snr_db": min_snr_db, "level_correction": {k: [round(c, 4) for c in v] for k, v in model.level_correction.items()}, "correction": model.correction,
               "tried": tried, "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}
     model.info["validation"] = report
     return plan, report

@@ -119,10 +119,12 @@ class ErrorModel:
     error: dict[str, np.ndarray]  # level -> (steps, MAX_RUN - 1): error of step a + 1 + k on full step a's features
     sensitivity: np.ndarray  # (steps,): final-latent squared change per squared change of a step's output
     signal: float  # mean square of the stock final latent
-    # measured / predicted final-latent error on outputs (``validate_plan``): per level, from a uniform plan
-    # of that level, and overall, from the plans "auto" picked. Encoder-propagated steps ignore the current
-    # latent, so their errors compound more than the teacher-forced errors show.
-    level_correction: dict[str, float] = field(default_factory=dict)
+    # measured / predicted final-latent error on outputs (``validate_plan``): per level and segment length
+    # (item ``length - 2``), from uniform plans of that level and interval, and overall, from the plans
+    # "auto" picked. Errors compound over a segment more than the teacher-forced errors show (encoder steps
+    # ignore the current latent; long deep segments drift), so a length's correction keeps the search from
+    # favouring segments whose error the model underrates.
+    level_correction: dict[str, list[float]] = field(default_factory=dict)
     correction: float = 1.0
     target_snr_db: float = DEFAULT_PLAN_SNR_DB  # what plan="auto" keeps
     info: dict = field(default_factory=dict)
@@ -141,7 +143,8 @@ class ErrorModel:
             return 0.0
         steps = np.arange(start + 1, start + length)
         amplitude = np.sqrt(self.sensitivity[steps] * self.error[level][start, : length - 1]).sum()
-        return float(amplitude**2) * self.level_correction.get(level, 1.0)
+        corrections = self.level_correction.get(level)
+        return float(amplitude**2) * (1.0 if corrections is None else corrections[length - 2])
 
     def predicted_error(self, levels) -> float:
         """The plan's predicted mean squared final-latent error (``correction`` applied)."""
@@ -172,7 +175,8 @@ class ErrorModel:
             error={level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()},  # None -> nan
             sensitivity=np.asarray(data["sensitivity"], dtype=np.float64),
             signal=float(data["signal"]),
-            level_correction={k: float(v) for k, v in data.get("level_correction", {}).items()},
+            level_correction={k: _per_length(v, len(next(iter(data["error"].values()))[0]))
+                              for k, v in data.get("level_correction", {}).items()},
             correction=float(data.get("correction", 1.0)),
             target_snr_db=float(data.get("target_snr_db", DEFAULT_PLAN_SNR_DB)),
             info=data.get("info", {}),
@@ -203,14 +207,22 @@ class ErrorModel:
             error[level] = mapped
         sensitivity = np.interp(position, np.arange(len(src)), self.sensitivity) * np.maximum(length, 1e-3) ** 2
         info = {**self.info, "resampled_from": f"{len(src)} steps"}
-        return ErrorModel(error, sensitivity, self.signal, dict(self.level_correction), self.correction, self.target_snr_db, info)
+        return ErrorModel(error, sensitivity, self.signal, {k: list(v) for k, v in self.level_correction.items()}, self.correction, self.target_snr_db, info)
 
     def sliced(self, start: int, n: int) -> "ErrorModel":
         """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
         return ErrorModel(
             {level: e[start : start + n] for level, e in self.error.items()}, self.sensitivity[start : start + n],
-            self.signal, dict(self.level_correction), self.correction, self.target_snr_db, self.info,
+            self.signal, {k: list(v) for k, v in self.level_correction.items()}, self.correction, self.target_snr_db, self.info,
         )
+
+
+def _per_length(correction, lengths: int) -> list[float]:
+    """A level's corrections, one a segment length; a single figure (files before per-length corrections)
+    serves every length."""
+    if isinstance(correction, (int, float)):
+        return [float(correction)] * lengths
+    return [float(c) for c in correction]
 
 
 def _significant(x: float) -> float | None:

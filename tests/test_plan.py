@@ -204,11 +204,19 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     assert (model.sensitivity[1:] > 0).all() and model.signal > 0
     plan, report = faster_diffusion.validate_plan(pipe, calibration, height=SIZE, width=SIZE)
     assert set(report["level_correction"]) == {ENCODER, SHALLOW, DEEP} and report["correction"] > 0
+    # a correction per segment length: each uniform probe's prediction (before the overall correction) is
+    # what its outputs measured
+    for level in (ENCODER, SHALLOW, DEEP):
+        for length in range(2, model.max_run + 1):
+            probe = "".join("F" if i % length == 0 else level[0].upper() for i in range(STEPS))
+            measured = next(t["snr_db"] for t in report["tried"] if t["plan"] == probe)  # the probe's, first
+            assert model.snr_db(model.predicted_error(probe) / model.correction) == pytest.approx(measured, abs=0.02)
     path = calibration.save(tmp_path / "DDIM.json")
     loaded = faster_diffusion.Calibration.load(path)
     np.testing.assert_allclose(loaded.error_model.sensitivity, model.sensitivity, rtol=1e-5)
     np.testing.assert_allclose(loaded.error_model.error[DEEP], model.error[DEEP], rtol=1e-5)
-    assert loaded.error_model.level_correction == pytest.approx(model.level_correction)
+    for level, corrections in model.level_correction.items():
+        np.testing.assert_allclose(loaded.error_model.level_correction[level], corrections, rtol=1e-9)
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=path)
     # the batch the validation ran: the same cost model, so the plan it picked
     pipe(prompts, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent",
