@@ -38,7 +38,7 @@ from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 #: ``plan="auto"``: the fastest plan whose predicted final-latent signal-to-error ratio is at least this
 #: (dB, after validation's correction). Chosen on the bundled model (docs/benchmarks.md): at this bar
 #: DDIM-50's images stay above 42 dB PSNR from stock's.
-DEFAULT_PLAN_SNR_DB = 32.0
+DEFAULT_PLAN_SNR_DB = 33.0
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
 CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP)
