@@ -44,7 +44,7 @@ MAX_RUN = 8
 CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP)
 ACCEPTED_PLANS = (
     "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
-    "than stock on this device), or one level a step: a string of F/E/S/D letters (full, encoder, shallow, "
+    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D letters (full, encoder, shallow, "
     "deep) or a list of level names, starting with a full step"
 )
 
