@@ -35,8 +35,8 @@ import numpy as np
 
 from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 
-#: ``plan="auto"``: the fastest plan whose predicted final-latent signal-to-error ratio is at least this
-#: (dB, after validation's correction). Chosen on the bundled model (docs/benchmarks.md): at this bar
+#: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
+#: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled model (docs/benchmarks.md): at this bar
 #: DDIM-50's images stay above 42 dB PSNR from stock's.
 DEFAULT_PLAN_SNR_DB = 33.0
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
@@ -44,8 +44,8 @@ MAX_RUN = 8
 CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP)
 ACCEPTED_PLANS = (
     "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
-    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D letters (full, encoder, shallow, "
-    "deep) or a list of level names, starting with a full step"
+    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D letters "
+    "(full, encoder, shallow, deep) or a list of level names, starting with a full step"
 )
 
 
