@@ -30,7 +30,7 @@ from cog import BaseRunner, Input, Path
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
 from service import calibrations, safety
-from service.memory import release_freed_memory
+from service.memory import bound_thread_caches, release_freed_memory
 from service.plans import CostModelStore
 from service.cache import weights_identity
 from service.lora import applied_lora, resolve_lora
@@ -49,6 +49,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: Optional[Path] = None) -> None:
         """Loads the pipeline, the schedulers and the calibrations once."""
         started = time.perf_counter()
+        memory = bound_thread_caches()  # before the first convolution: flat memory across image sizes
         resolved = resolve_weights(weights)
         if resolved.warning:
             print(f"WARNING: {resolved.warning}", flush=True)
@@ -77,7 +78,8 @@ class Predictor(BaseRunner):
         print(
             f"setup: loaded {resolved.path} ({type(self.pipe).__name__}, {dtype} on {self.device}, native size "
             f"{self.planner.native_size}px, max {self.planner.max_pixels} px/request, safety checker {checker}, "
-            f"calibration cache {self.store.cache.folder}) in {time.perf_counter() - started:.1f}s",
+            f"calibration cache {self.store.cache.folder}, {memory}) in "
+            f"{time.perf_counter() - started:.1f}s",
             flush=True,
         )
 

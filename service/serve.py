@@ -11,7 +11,10 @@ loopback port and forwards every request to it byte for byte, except that it
   prediction gets 409 for the life of the process; an id such as ``../../x`` makes directories
   outside its own (docs/service.md);
 * restarts coglet when it logs that a prediction slot is lost (dropped while in use, or poisoned):
-  the same wedge from any other cause, a full disk say. Requests meanwhile get 503.
+  the same wedge from any other cause, a full disk say. Requests meanwhile get 503;
+* starts coglet (and so its worker) with ``service.memory.WORKER_ENVIRONMENT`` for what the
+  environment does not set: the allocator and cache bounds that keep the worker's memory flat
+  across image sizes (docs/operations.md).
 
 It exits with coglet's exit status when coglet exits by itself, and hands SIGTERM / SIGINT on to it.
 Each forwarded request gets ``Connection: close``; bodies other than a new prediction's stream through.
@@ -28,6 +31,8 @@ import signal
 import socket
 import sys
 from urllib.parse import unquote_to_bytes, urlsplit
+
+from service.memory import worker_environment
 
 VALID_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
 ID_IN_PATH = re.compile(rb"/(?:predictions|trainings)/([^/]*)")
@@ -94,7 +99,7 @@ class Guard:
 
     async def start_coglet(self) -> None:
         self.port = free_port()
-        env = dict(os.environ, PORT=str(self.port))
+        env = dict(worker_environment(), PORT=str(self.port))  # coglet's worker inherits it
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *self.coglet_args,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
