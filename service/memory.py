@@ -11,13 +11,13 @@ makes); a value the environment already has wins:
   about +45 MiB in use from the 10th to the 40th new setting on the bundled model
   (docs/operations.md). oneDNN's process-wide cache of compiled primitives
   (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, 1024 for all threads together) is left as it is, so a miss
-  re-makes a descriptor (about 5 microseconds a convolution on a 2-core x86 CPU), not a kernel.
+  re-makes a descriptor, not a compiled kernel.
   Each thread reads the variable at its first convolution, so ``bound_thread_caches`` (first in
   ``Predictor.setup``) still sets it where the worker was started without it.
 * ``MALLOC_ARENA_MAX=2``: glibc gives each allocating thread (coglet's runtime and prediction
   threads, their OpenMP workers) an arena of its own, up to 8 per core, and a buffer freed in one
   arena cannot serve another; a prediction on a thread that had not run one before filled a new
-  arena (+28 MiB in one run). glibc reads this at process start: only the environment can set it.
+  arena. glibc reads this at process start: only the environment can set it.
 
 ``release_freed_memory`` (after each prediction) asks glibc to return free pages to the system
 (``malloc_trim(0)``: a few milliseconds); elsewhere (musl, macOS) it does nothing.
