@@ -36,5 +36,6 @@ COPY weights /src/weights
 ENV COG_PREDICT_TYPE_STUB=predict.py:Predictor
 EXPOSE 5000
 # coglet behind a guard that refuses prediction ids coglet 0.23.1 cannot handle and restarts it if it
-# wedges (service/serve.py, docs/service.md); `make serve` runs the same.
+# wedges (service/serve.py, docs/service.md), and gives its worker the memory bounds of service/memory.py
+# (docs/operations.md); `make serve` runs the same.
 CMD ["python", "-m", "service.serve"]

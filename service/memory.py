@@ -7,12 +7,11 @@ makes); a value the environment already has wins:
 * ``LRU_CACHE_CAPACITY=1``: torch's per-thread cache of oneDNN convolutions (ideep's
   ``computation_cache``, default 1024 entries *per thread*) keeps, for each input shape a thread
   ran a convolution at, the primitive descriptor and primitive. coglet 0.23.1 runs predictions on
-  several threads in turn (three in ``bench/new_settings.py``), and each filled a cache of its own:
-  about +45 MiB in use from the 10th to the 40th new setting on the bundled model
-  (docs/operations.md). oneDNN's process-wide cache of compiled primitives
-  (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, 1024 for all threads together) is left as it is, so a miss
-  re-makes a descriptor, not a compiled kernel.
-  Each thread reads the variable at its first convolution, so ``bound_thread_caches`` (first in
+  several threads in turn, and each filled a cache of its own: most of the +58-67 MiB from the
+  10th to the 40th new setting on the bundled model (docs/operations.md). oneDNN's process-wide
+  cache of compiled primitives (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, 1024 for all threads
+  together) is left as it is, so a miss re-makes a descriptor, not a compiled kernel. Each thread
+  reads the variable at its first convolution, so ``bound_thread_caches`` (first in
   ``Predictor.setup``) still sets it where the worker was started without it.
 * ``MALLOC_ARENA_MAX=2``: glibc gives each allocating thread (coglet's runtime and prediction
   threads, their OpenMP workers) an arena of its own, up to 8 per core, and a buffer freed in one
