@@ -15,6 +15,8 @@ writes the user's ``~/.cache/faster-diffusion``.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,14 @@ def sample(pipe, prompt=PROMPT, steps=12, seed=0, size=SIZE, **kwargs):
 def difference(a, b):
     """Largest absolute difference relative to the outputs' range (an untrained UNet's latents reach ~30)."""
     return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+def stop_entry_point(proc: subprocess.Popen) -> None:
+    """Stops a server started with ``python -m service.serve`` in a session of its own: SIGTERM, which
+    the entry point hands to coglet, then SIGKILL to the whole group if it is still up after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

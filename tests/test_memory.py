@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import stop_entry_point
 import yaml
 
 from service.memory import WORKER_ENVIRONMENT, bound_thread_caches, release_freed_memory, worker_environment
@@ -163,12 +163,7 @@ def worker_sees(tmp_path: Path, names: list[str], **environment) -> dict[str, st
             seen[name] = response.json()["output"]
         return seen
     finally:
-        proc.send_signal(signal.SIGTERM)  # the entry point hands it to coglet and exits with it
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_entry_point(proc)
 
 
 def test_the_entry_point_gives_the_worker_its_memory_settings(tmp_path):

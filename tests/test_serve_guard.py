@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import NamedTuple
 
 import pytest
 import requests
+from conftest import stop_entry_point
 
 from service.serve import bad_body_id, bad_path_id
 
@@ -119,12 +119,7 @@ def served(model_dir, tmp_path_factory):
             wait_ready(server, STARTUP_TIMEOUT)
             yield server
         finally:
-            proc.send_signal(signal.SIGTERM)  # the entry point hands it to coglet and exits with it
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_entry_point(proc)
 
 
 def wait_ready(server: Served, timeout: float) -> None:
