@@ -548,11 +548,11 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
 
     First, for each level and each segment length m, a uniform plan (a full step every m steps, the others
     at that level) sets ``level_correction[level][m - 2]`` to its measured / predicted final-latent error.
-    Then it runs the
-    plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and picks again,
-    until the pick no longer changes and its measured signal-to-error ratio is at least ``min_snr_db``;
-    a plan measured below it stays predicted below it (``report["converged"]`` says whether the last pick
-    was measured and met it). ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
+    Then it runs the plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and
+    picks again, until the pick no longer changes and its measured signal-to-error ratio is at least
+    ``min_snr_db``; a plan measured below it stays predicted below it (``report["converged"]`` says whether
+    the last pick was measured and met it). ``prompts`` / ``seeds`` default to the calibration's. Returns
+    ``(plan letters, report)``."""
     model = calibration.error_model
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
@@ -602,8 +602,10 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             if converged:
                 break
     plan = plan_letters(choose(AutoPlan(), model, cost).levels)  # what auto picks from now on
-    report = {"min_snr_db": min_snr_db, "level_correction": {k: [round(c, 4) for c in v] for k, v in model.level_correction.items()}, "correction": model.correction,
-              "tried": tried, "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1), "prompts": list(prompts), "seeds": seeds}
+    corrections = {level: [round(c, 4) for c in by_length] for level, by_length in model.level_correction.items()}
+    report = {"min_snr_db": min_snr_db, "level_correction": corrections, "correction": model.correction, "tried": tried,
+              "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1),
+              "prompts": list(prompts), "seeds": seeds}  # fmt: skip
     model.info["validation"] = report
     return plan, report
 

@@ -29,15 +29,15 @@ its FLOPs, and a plan chosen on idle timings loses (docs/benchmarks.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 
 #: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
-#: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled model (docs/benchmarks.md): at this bar
-#: DDIM-50's images stay above 42 dB PSNR from stock's.
+#: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled
+#: model (docs/benchmarks.md): at this bar DDIM-50's images stay above 42 dB PSNR from stock's.
 DEFAULT_PLAN_SNR_DB = 33.0
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
@@ -171,12 +171,13 @@ class ErrorModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ErrorModel":
+        error = {level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()}  # None -> nan
+        lengths = next(iter(error.values())).shape[1]  # segment lengths 2 .. MAX_RUN
         return cls(
-            error={level: np.asarray(e, dtype=np.float64) for level, e in data["error"].items()},  # None -> nan
+            error=error,
             sensitivity=np.asarray(data["sensitivity"], dtype=np.float64),
             signal=float(data["signal"]),
-            level_correction={k: _per_length(v, len(next(iter(data["error"].values()))[0]))
-                              for k, v in data.get("level_correction", {}).items()},
+            level_correction={k: _per_length(v, lengths) for k, v in data.get("level_correction", {}).items()},
             correction=float(data.get("correction", 1.0)),
             target_snr_db=float(data.get("target_snr_db", DEFAULT_PLAN_SNR_DB)),
             info=data.get("info", {}),
@@ -207,14 +208,16 @@ class ErrorModel:
             error[level] = mapped
         sensitivity = np.interp(position, np.arange(len(src)), self.sensitivity) * np.maximum(length, 1e-3) ** 2
         info = {**self.info, "resampled_from": f"{len(src)} steps"}
-        return ErrorModel(error, sensitivity, self.signal, {k: list(v) for k, v in self.level_correction.items()}, self.correction, self.target_snr_db, info)
+        return replace(self, error=error, sensitivity=sensitivity, level_correction=self._corrections(), info=info)
 
     def sliced(self, start: int, n: int) -> "ErrorModel":
         """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
-        return ErrorModel(
-            {level: e[start : start + n] for level, e in self.error.items()}, self.sensitivity[start : start + n],
-            self.signal, {k: list(v) for k, v in self.level_correction.items()}, self.correction, self.target_snr_db, self.info,
-        )
+        return replace(self, error={level: e[start : start + n] for level, e in self.error.items()},
+                       sensitivity=self.sensitivity[start : start + n], level_correction=self._corrections())
+
+    def _corrections(self) -> dict[str, list[float]]:
+        """A copy of ``level_correction`` for a derived model (validation rewrites its lists in place)."""
+        return {level: list(c) for level, c in self.level_correction.items()}
 
 
 def _per_length(correction, lengths: int) -> list[float]:

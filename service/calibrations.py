@@ -102,6 +102,12 @@ def refine(pipe, calibration, scheduler_name: str, budget: int, height: int, wid
         )
 
 
+def validate_plan(pipe, calibration, scheduler_name: str, height: int, width: int, base_config=None):
+    """``faster_diffusion.validate_plan`` on the calibration's own prompts and seeds, with the service's scheduler."""
+    with service_scheduler(pipe, scheduler_name, base_config):
+        return faster_diffusion.validate_plan(pipe, calibration, height=height, width=width, guidance_scale=GUIDANCE_SCALE)
+
+
 def validate(pipe, calibration, scheduler_name: str, height: int, width: int, prompts, base_config=None):
     """``faster_diffusion.validate`` on the calibration prompts and seeds, with the service's scheduler."""
     with service_scheduler(pipe, scheduler_name, base_config):

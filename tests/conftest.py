@@ -6,7 +6,8 @@ pipeline when it is present; otherwise a tiny random-weights StableDiffusionPipe
 
 ``pipe`` (a module's tiny random SD pipeline), ``sample`` (its final latents for a prompt, step
 count and seed) and ``difference`` (how far two outputs are, relative to their range): the
-helpers the library's tests share.
+helpers the library's tests share. ``entry_point``: ``python -m service.serve`` (what ``make serve``
+and the Dockerfile run) on a free port, READY, stopped afterwards.
 
 Every test gets its own service cache directory (``FASTER_DIFFUSION_CACHE``), so none reads or
 writes the user's ``~/.cache/faster-diffusion``.
@@ -14,12 +15,18 @@ writes the user's ``~/.cache/faster-diffusion``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import requests
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,12 +88,50 @@ def difference(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
 
 
-def stop_entry_point(proc: subprocess.Popen) -> None:
-    """Stops a server started with ``python -m service.serve`` in a session of its own: SIGTERM, which
-    the entry point hands to coglet, then SIGKILL to the whole group if it is still up after 30 s."""
-    proc.send_signal(signal.SIGTERM)
+class Served(NamedTuple):
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Polls /health-check until READY, as a client would (coglet frees its slot a few ms after
+        answering a prediction, so a request right after one may get 409)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+            try:
+                if requests.get(f"{self.url}/health-check", timeout=10).json().get("status") == "READY":
+                    return
+            except (requests.ConnectionError, ValueError):
+                pass
+            time.sleep(0.25)
+        pytest.fail(f"not READY after {timeout}s:\n{self.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def entry_point(cwd: Path, log_path: Path, environ: dict, startup_timeout: float):
+    """``python -m service.serve`` on ``predict.py:Predictor`` in ``cwd``, with ``environ`` (the venv first on
+    PATH, as coglet's worker runs ``python`` from it), in a session of its own; yields ``Served`` once READY.
+    Afterwards SIGTERM, which the entry point hands to coglet, then SIGKILL to the group after 30 s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port))  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--host", "127.0.0.1"], cwd=cwd, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        served = Served(f"http://127.0.0.1:{port}", proc, log_path)
+        served.wait_ready(startup_timeout)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import stop_entry_point
 import yaml
+from conftest import ROOT, entry_point
 
 from service.memory import WORKER_ENVIRONMENT, bound_thread_caches, release_freed_memory, worker_environment
 
-ROOT = Path(__file__).resolve().parent.parent
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
@@ -132,38 +129,16 @@ def worker_sees(tmp_path: Path, names: list[str], **environment) -> dict[str, st
     """Starts `python -m service.serve` as `make serve` does, on a predictor that returns os.environ[name]."""
     tmp_path.mkdir()
     (tmp_path / "predict.py").write_text(ENVIRONMENT_PREDICTOR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in WORKER_ENVIRONMENT}
-    env.update(environment, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=str(ROOT), COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port))  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--host", "127.0.0.1"], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health-check", timeout=5).json().get("status") == "READY":
-                    break
-            except (requests.ConnectionError, ValueError):
-                pass
-            time.sleep(0.25)
-        seen = {}
+    environ = {k: v for k, v in os.environ.items() if k not in WORKER_ENVIRONMENT}
+    environ.update(environment, PYTHONPATH=str(ROOT))
+    seen = {}
+    with entry_point(tmp_path, tmp_path / "serve.log", environ, startup_timeout=120) as server:
         for name in names:
-            for _ in range(100):  # coglet 0.23.1 frees its slot just after answering: a 409 right after is retried
-                response = requests.post(f"{url}/predictions", json={"input": {"name": name}}, timeout=60)
-                if response.status_code != 409:
-                    break
-                time.sleep(0.1)
+            server.wait_ready(30)
+            response = requests.post(f"{server.url}/predictions", json={"input": {"name": name}}, timeout=60)
             assert response.json()["status"] == "succeeded", response.text
             seen[name] = response.json()["output"]
-        return seen
-    finally:
-        stop_entry_point(proc)
+    return seen
 
 
 def test_the_entry_point_gives_the_worker_its_memory_settings(tmp_path):

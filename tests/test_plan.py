@@ -187,8 +187,7 @@ def test_t_times_faster_means_here_and_on_a_compute_bound_device():
         assert stock / choice.seconds >= target and stock / cost.busy_seconds(choice.levels) >= target
         assert choice.cost == pytest.approx(max(choice.seconds, cost.busy_seconds(choice.levels)))
         # no plan whose segments cost at most T times less is more faithful
-        fast = [p for p in homogeneous if stock / sum(cost.plan_cost((FULL,) + (p[s + 1],) * (m - 1) if m > 1 else (FULL,))
-                                                      for s, m, _ in segments(p)) >= target]
+        fast = [p for p in homogeneous if stock / sum(cost.plan_cost(p[s : s + m]) for s, m, _ in segments(p)) >= target]
         assert choice.error == pytest.approx(min(model.predicted_error(p) for p in fast), rel=1e-9)
     time_only = CostModel(cost.full, cost.level, cost.step_overhead)  # without FLOPs: time alone
     assert ENCODER in choose(AutoPlan(2.5), model, time_only).levels

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import requests
-from conftest import stop_entry_point
+from conftest import ROOT, Served, entry_point
 
 from service.serve import bad_body_id, bad_path_id
 
-ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 240  # seconds; torch and diffusers import slowly on a busy 2-core machine
 RECOVERY_TIMEOUT = 90  # what an operator can expect: a normal prediction within 90 s of the bad request
 SMALL = {"prompt": "a red square in the center", "num_inference_steps": 4, "seed": 3}
@@ -80,65 +74,19 @@ def test_make_serve_and_the_docker_image_run_the_guard():
 # the real entry point
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served(NamedTuple):
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def served(model_dir, tmp_path_factory):
     """`python -m service.serve` as `make serve` runs it."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    port = _free_port()
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-        PORT=str(port),
-        COG_WEIGHTS=str(model_dir),
-        FASTER_DIFFUSION_CACHE=str(log_path.parent / "cache"),
-        OMP_NUM_THREADS="1",  # see tests/test_service.py
-    )
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.serve", "--host", "127.0.0.1"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        server = Served(f"http://127.0.0.1:{port}", proc, log_path)
-        try:
-            wait_ready(server, STARTUP_TIMEOUT)
-            yield server
-        finally:
-            stop_entry_point(proc)
-
-
-def wait_ready(server: Served, timeout: float) -> None:
-    """Polls /health-check until READY, as a client would."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, f"the server exited with {server.proc.returncode}:\n{server.log()[-3000:]}"
-        try:
-            if requests.get(f"{server.url}/health-check", timeout=10).json().get("status") == "READY":
-                return
-        except (requests.ConnectionError, ValueError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"not READY after {timeout}s:\n{server.log()[-3000:]}")
+    cache = str(log_path.parent / "cache")
+    environ = dict(os.environ, COG_WEIGHTS=str(model_dir), FASTER_DIFFUSION_CACHE=cache, OMP_NUM_THREADS="1")  # see tests/test_service.py
+    with entry_point(ROOT, log_path, environ, STARTUP_TIMEOUT) as server:
+        yield server
 
 
 def predict(server: Served, path: str = "/predictions", **request) -> dict:
     """A prediction once the server is READY (coglet frees its slot a few ms after answering the last one)."""
-    wait_ready(server, 30)
+    server.wait_ready(30)
     method = requests.put if path != "/predictions" else requests.post
     response = method(f"{server.url}{path}", json={"input": SMALL, **request}, timeout=120)
     assert response.status_code == 200, response.text
@@ -168,7 +116,7 @@ def test_a_wedged_coglet_is_restarted(served):
     wedging = requests.put(f"http://127.0.0.1:{coglet_port}/predictions/%00x", json={"input": SMALL}, timeout=30)
     assert "NUL byte" in wedging.json()["error"]  # coglet's own answer: it is wedged from here on
     started = time.monotonic()
-    wait_ready(served, RECOVERY_TIMEOUT)
+    served.wait_ready(RECOVERY_TIMEOUT)
     predict(served)
     assert time.monotonic() - started < RECOVERY_TIMEOUT
     assert "restarting it" in served.log()
