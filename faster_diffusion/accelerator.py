@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import time
 import weakref
@@ -419,7 +420,8 @@ class FasterDiffusion:
             if run.cost is not None and run.step == run.num_steps:
                 if self.unet.device.type == "cuda":
                     torch.cuda.synchronize()
-                seconds = time.perf_counter() - run.started - run.measuring - run.planning
+                # the loop as timed, with the call's work outside it as measured for the cost model
+                seconds = time.perf_counter() - run.started - run.measuring - run.planning + run.cost.call_overhead
                 self.stats.update(
                     predicted_speedup=run.predicted_speedup,
                     measured_speedup=round(run.cost.stock_seconds(run.num_steps) / seconds, 3),
@@ -501,6 +503,7 @@ class FasterDiffusion:
             full={g: least[FULL, g] for g in TIMED_GROUPS},
             level={lv: least[lv, 1] for lv in levels},
             step_overhead=self._step_overhead(call),
+            call_overhead=self._call_overhead(call),
             flops=flops,
             info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2]},
         )
@@ -515,18 +518,34 @@ class FasterDiffusion:
             return 0.0
         sample, t = call["sample"], self._run.timesteps[0]
         latents = sample[: max(1, sample.shape[0] // 2)]
-        times = []
-        for _ in range(5):
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            begin = time.perf_counter()
+
+        def step(scheduler):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             uncond, cond = model_input.chunk(2)
-            guided = uncond + 7.5 * (cond - uncond)
-            scheduler.step(guided, t, latents)
-            if sample.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
-        return min(times)
+            scheduler.step(uncond + 7.5 * (cond - uncond), t, latents)
+
+        return _least_seconds(step, sample.device, prepare=lambda: copy.deepcopy(self.pipe.scheduler), repeats=5)
+
+    def _call_overhead(self, call) -> float:
+        """Seconds of a text-to-image call outside its loop, at this run's batch and size: setting the
+        scheduler's timesteps, encoding the prompt (and the negative prompt under guidance) and the VAE
+        decode. The same for every plan, it weighs on a short run's speed-up as a user times it."""
+        if self.pipe is None or self._run.timesteps is None:
+            return 0.0
+        sample, steps = call["sample"], len(self._run.timesteps)
+        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", True))  # set by SD-family pipelines in a call
+        images = max(1, sample.shape[0] // 2) if guided else sample.shape[0]
+        seconds = _least_seconds(lambda scheduler: scheduler.set_timesteps(steps), sample.device,
+                                 prepare=lambda: copy.deepcopy(self.pipe.scheduler))
+        encode = getattr(self.pipe, "encode_prompt", None)
+        arguments = {"prompt": "", "device": sample.device, "num_images_per_prompt": images, "do_classifier_free_guidance": guided}
+        if encode is not None and arguments.keys() <= inspect.signature(encode).parameters.keys():
+            seconds += _least_seconds(lambda _: encode(**arguments), sample.device)
+        vae = getattr(self.pipe, "vae", None)
+        if sample.ndim == 4 and hasattr(vae, "decode"):  # image latents (a video pipeline decodes frame by frame)
+            latents = torch.zeros(images, vae.config.latent_channels, *sample.shape[2:], dtype=vae.dtype, device=sample.device)
+            seconds += _least_seconds(lambda _: vae.decode(latents), sample.device)
+        return seconds
 
     def _unet_forward(self, original_forward, args, kwargs):
         run = self._run
@@ -662,6 +681,20 @@ def _model_dir(pipe, unet) -> Path | None:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
+
+
+def _least_seconds(fn, device, prepare=lambda: None, repeats: int = 3) -> float:
+    """The least time of ``fn(prepare())`` over ``repeats`` runs, ``prepare`` untimed, without autograd."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            state = prepare()
+            begin = time.perf_counter()
+            fn(state)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - begin)
+    return min(times)
 
 
 def _flops(fn) -> float:

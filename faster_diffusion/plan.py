@@ -11,7 +11,8 @@ and ``plan="auto:T"`` are chosen here from two models:
   reuse error is measured where it lands, on the output, not where the features move most.
 - ``CostModel`` (measured on this device at the run's batch and size, by the accelerator): seconds
   and FLOPs of a UNet call at each level, of a full step batched with ``g`` encoder-propagated
-  decoders, and of a step's work outside the UNet.
+  decoders, of a step's work outside the UNet, and of the call's work outside the loop (prompt
+  encoding, VAE decode): a speed-up is of the whole call, as a user times it.
 
 A plan is a sequence of *segments*: a full step followed by steps of one cheaper level, which reuse
 that full step's features. A segment's predicted final-latent error adds its steps' errors
@@ -255,17 +256,21 @@ class CostModel:
     full: dict[int, float]  # g -> a full step whose call also runs g - 1 encoder-propagated decoders
     level: dict[str, float]  # shallow / deep / encoder (one encoder-propagated decoder alone)
     step_overhead: float  # the sampler step and the loop's own work, per step
+    call_overhead: float = 0.0  # the pipeline call's work outside the loop, the same for every plan
     flops: dict[str, float] = field(default_factory=dict)  # full, encoder, shallow, deep: FLOPs of one call
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"full": {str(g): t for g, t in self.full.items()}, "level": dict(self.level),
-                "step_overhead": self.step_overhead, "flops": dict(self.flops), "info": self.info}
+        return {"full": {str(g): t for g, t in self.full.items()}, "level": dict(self.level), "step_overhead": self.step_overhead,
+                "call_overhead": self.call_overhead, "flops": dict(self.flops), "info": self.info}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CostModel":
-        return cls({int(g): float(t) for g, t in data["full"].items()}, {k: float(v) for k, v in data["level"].items()},
-                   float(data["step_overhead"]), {k: float(v) for k, v in data.get("flops", {}).items()}, data.get("info", {}))
+        """Raises KeyError for a file without ``call_overhead``: it was measured before speed-ups were of the
+        whole call, and would predict differently from a fresh measurement."""
+        return cls(full={int(g): float(t) for g, t in data["full"].items()}, level={k: float(v) for k, v in data["level"].items()},
+                   step_overhead=float(data["step_overhead"]), call_overhead=float(data["call_overhead"]),
+                   flops={k: float(v) for k, v in data.get("flops", {}).items()}, info=data.get("info", {}))
 
     def full_group(self, g: int) -> float:
         """A full step with g decoders: the measured sizes, linear between them and past the largest."""
@@ -283,17 +288,18 @@ class CostModel:
         return self.level[level]
 
     def plan_seconds(self, levels, parallel=True, max_parallel=None) -> float:
+        """The plan's time here: its UNet calls, its steps' work outside the UNet, the call's work outside the loop."""
         calls = decoder_groups(levels, parallel, max_parallel)
-        return sum(self.call_seconds(levels[g[0]], len(g)) for g in calls) + len(levels) * self.step_overhead
+        return sum(self.call_seconds(levels[g[0]], len(g)) for g in calls) + len(levels) * self.step_overhead + self.call_overhead
 
     def stock_seconds(self, n: int) -> float:
-        return n * (self.full[1] + self.step_overhead)
+        return n * (self.full[1] + self.step_overhead) + self.call_overhead
 
     def busy_seconds(self, levels) -> float:
         """The plan's time on a compute-bound device: every UNet call its FLOPs' share of a full call."""
         if not self.flops:
             return 0.0
-        return sum(self.full[1] * self.flops[level] / self.flops[FULL] + self.step_overhead for level in levels)
+        return sum(self.full[1] * self.flops[level] / self.flops[FULL] + self.step_overhead for level in levels) + self.call_overhead
 
     def plan_cost(self, levels, parallel=True, max_parallel=None) -> float:
         """What the planner minimises: the larger of the plan's time here and on a compute-bound device."""
@@ -327,12 +333,17 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
 
     Dynamic programming over segment boundaries with cost in ``1 / bins`` of a full step: exact for the
     error model up to that rounding, with a plan's cost taken as the sum of its segments' ``plan_cost``
-    (never less than the plan's own); each plan's time and cost are then recomputed exactly."""
+    (never less than the plan's own); each plan's time and cost are then recomputed exactly. The call's
+    work outside the loop is the same for every plan: segments are costed without it."""
     n = model.num_steps
     unit = cost.full[1] / bins
-    horizon = int(np.ceil(cost.plan_cost((FULL,) * n, parallel, max_parallel) / unit)) + n + 1
+
+    def loop_cost(plan) -> float:
+        return cost.plan_cost(plan, parallel, max_parallel) - cost.call_overhead
+
+    horizon = int(np.ceil(loop_cost((FULL,) * n) / unit)) + n + 1
     options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
-    spans = [int(round(cost.plan_cost((FULL,) + (lv,) * (m - 1), parallel, max_parallel) / unit)) for m, lv in options]
+    spans = [int(round(loop_cost((FULL,) + (lv,) * (m - 1)) / unit)) for m, lv in options]
     best = np.full((n + 1, horizon + 1), np.inf)
     best[0, 0] = 0.0
     back = np.full((n + 1, horizon + 1), -1, dtype=np.int16)  # the option of the last segment ending there

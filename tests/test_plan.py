@@ -1,6 +1,7 @@
 """Plans: a level of reuse per step; the planner's search; its API and errors."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -192,6 +193,37 @@ def test_t_times_faster_means_here_and_on_a_compute_bound_device():
     time_only = CostModel(cost.full, cost.level, cost.step_overhead)  # without FLOPs: time alone
     assert ENCODER in choose(AutoPlan(2.5), model, time_only).levels
     assert ENCODER not in choose(AutoPlan(2.5), model, cost).levels
+
+
+def test_the_calls_work_outside_the_loop_is_part_of_every_speedup():
+    """Prompt encoding and the VAE decode cost every plan the same: they leave the frontier's plans as they
+    are, and a plan picked for "T times faster" is that much faster as a whole call."""
+    model, cost = random_models(12, 2)
+    cost.flops = {FULL: 10.0, ENCODER: 7.0, SHALLOW: 4.0, DEEP: 1.5}
+    loop_only = [c.levels for c in frontier(model, cost)]
+    cost.call_overhead = 3.0
+    whole_call = frontier(model, cost)
+    assert [c.levels for c in whole_call] == loop_only
+    stock = cost.stock_seconds(12)
+    assert stock == pytest.approx(12 * (cost.full[1] + cost.step_overhead) + 3.0)
+    for target in (1.5, 2.0):
+        choice = choose(AutoPlan(target), model, cost)
+        assert stock / choice.seconds >= target and stock / cost.busy_seconds(choice.levels) >= target
+        assert choice.seconds == pytest.approx(cost.plan_seconds(choice.levels)) and choice.seconds > 3.0
+        cost.call_overhead = 0.0  # T counted on the loop alone: a slower, more faithful plan would do
+        loop_choice = choose(AutoPlan(target), model, cost)
+        cost.call_overhead = 3.0
+        assert choice.cost - 3.0 <= loop_choice.cost and choice.error >= loop_choice.error
+    assert choose(AutoPlan(2.0), model, cost).levels != choose(AutoPlan(2.0), model, replace(cost, call_overhead=0.0)).levels
+
+
+def test_the_cost_model_times_the_pipeline_call_outside_the_loop(pipe):
+    calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[3], plans=True, height=SIZE, width=SIZE)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
+    sample(pipe, steps=STEPS)
+    (cost,) = accel.cost_models.values()
+    assert 0 < cost.call_overhead < cost.stock_seconds(STEPS)
+    assert accel.stats["predicted_speedup"] == round(cost.stock_seconds(STEPS) / cost.plan_seconds(parse_plan(accel.stats["plan"])), 3)
 
 
 def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
