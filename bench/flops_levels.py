@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""FLOPs of one UNet call at each level of reuse (full, encoder, shallow, deep), relative to a full call.
+"""FLOPs of one UNet call at each level of reuse (full, encoder, shallow, deep, deep_cfg), relative to a full call.
 
 The levels are the planner's (``faster_diffusion.LEVELS``; ``unet_split.replayed_modules`` says what
 each replays): ``encoder`` is encoder propagation (the decoder on cached encoder features),
 ``shallow`` runs ``conv_in``, the first down block and the last up block, ``deep`` is DeepCache's
-branch 0 (``conv_in``, the last layer of the last up block and the output head).
+branch 0 (``conv_in``, the last layer of the last up block and the output head), ``deep_cfg`` is
+``deep`` on the conditional row alone (the unconditional output comes from the guidance difference).
 
 Counted through the accelerator itself, on a bare UNet built from its config on PyTorch's meta
 device (bench/configs/: no weights, no arithmetic): ``faster_diffusion.enable(unet,
@@ -12,7 +13,8 @@ plan="FESD", parallel=False)`` and one ``accel.denoising_run`` of 4 steps, with
 ``torch.utils.flop_counter.FlopCounterMode`` around each UNet call, so step k is counted at the
 k-th level of the plan (a multiply-add = 2 FLOPs; norms, activations and softmax are not counted).
 Each call has 2 rows (one image with classifier-free guidance). The stock forward is counted too:
-the full level must equal it.
+the full level must equal it. A bare UNet has no guidance to reuse, so ``deep_cfg`` is counted as
+what it runs: a deep call on one row (plan ``FD`` on a 1-row sample).
 
     python bench/flops_levels.py                         # sd15 512², sdxl 1024², tiny-shapes 64² -> bench/results/flops_levels.json
     python bench/flops_levels.py --models toy --resolution 64 --device cpu --json /tmp/levels.json
@@ -33,37 +35,43 @@ import flops  # noqa: E402
 TINY_SHAPES = common.ROOT / "weights" / "tiny-shapes" / "unet" / "config.json"
 DEFAULT_MODELS = "sd15,sdxl,tiny-shapes"
 PLAN = "FESD"  # one step at each level, in an order where every level finds the features it replays
+LEVEL_NAMES = ("full", "encoder", "shallow", "deep", "deep_cfg")
 
 
 def level_flops(unet, rows: int, resolution: int) -> dict:
-    """FLOPs of one call at each level (``PLAN``'s order), and of a stock forward."""
+    """FLOPs of one call at each level (``PLAN``'s order), of ``deep_cfg`` (a deep call on the conditional
+    half of the rows) and of a stock forward."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import faster_diffusion
 
-    levels = faster_diffusion.parse_plan(PLAN)
-    sample, kwargs = flops.unet_inputs(unet, rows, resolution, device=unet.device)
     timesteps = [999, 749, 499, 249]  # python numbers: meta tensors hold no values to compare timesteps with
-    out = {}
-    with torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            unet(sample, timesteps[0], **kwargs)
-        out["stock"] = counter.get_total_flops()
-        accel = faster_diffusion.enable(unet, plan=PLAN, parallel=False)
+
+    def per_call(plan: str, call_rows: int) -> list[int]:
+        sample, kwargs = flops.unet_inputs(unet, call_rows, resolution, device=unet.device)
+        counted = []
+        accel = faster_diffusion.enable(unet, plan=plan, parallel=False)
         try:
-            with accel.denoising_run(timesteps):
-                for level, t in zip(levels, timesteps):
-                    counter = FlopCounterMode(display=False)
-                    with counter:
+            with accel.denoising_run(timesteps[: len(plan)]):
+                for t in timesteps[: len(plan)]:
+                    with FlopCounterMode(display=False) as counter:
                         unet(sample, t, **kwargs)
-                    out[level] = counter.get_total_flops()
+                    counted.append(counter.get_total_flops())
             stats = dict(accel.stats)
         finally:
             faster_diffusion.disable(unet)
-    if stats.get("plan") != PLAN or stats.get("unet_calls") != len(PLAN):
-        raise RuntimeError(f"the accelerator ran {stats.get('plan')} in {stats.get('unet_calls')} calls, not {PLAN}")
+        if stats.get("plan") != plan or stats.get("unet_calls") != len(plan):
+            raise RuntimeError(f"the accelerator ran {stats.get('plan')} in {stats.get('unet_calls')} calls, not {plan}")
+        return counted
+
+    sample, kwargs = flops.unet_inputs(unet, rows, resolution, device=unet.device)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            unet(sample, timesteps[0], **kwargs)
+        out = {"stock": counter.get_total_flops()}
+        out.update(zip(faster_diffusion.parse_plan(PLAN), per_call(PLAN, rows)))
+        out["deep_cfg"] = per_call("FD", rows // 2)[1]
     return out
 
 
@@ -77,23 +85,23 @@ def count_model(name: str, config: dict, resolution: int, device: str) -> dict:
         raise RuntimeError(f"{name}: a full-level call counts {full} FLOPs, a stock forward {counted['stock']}")
     row = {
         "model": name, "resolution": resolution, "latent": resolution // 8, "rows_per_call": 2,
-        "gflops_per_call": {level: counted[level] / 1e9 for level in ("full", "encoder", "shallow", "deep")},
-        "fraction_of_full": {level: counted[level] / full for level in ("full", "encoder", "shallow", "deep")},
+        "gflops_per_call": {level: counted[level] / 1e9 for level in LEVEL_NAMES},
+        "fraction_of_full": {level: counted[level] / full for level in LEVEL_NAMES},
         "count_seconds": round(time.time() - t0, 1),
     }
     fr = row["fraction_of_full"]
     print(f"[{name} {resolution}²] full {full / 1e9:,.1f} GFLOPs a call (2 rows); encoder {fr['encoder']:.3f}, "
-          f"shallow {fr['shallow']:.3f}, deep {fr['deep']:.3f} of full ({row['count_seconds']}s)", flush=True)
+          f"shallow {fr['shallow']:.3f}, deep {fr['deep']:.3f}, deep_cfg {fr['deep_cfg']:.3f} of full ({row['count_seconds']}s)", flush=True)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["model", "size", "full (GFLOPs / call, 2 rows)", "encoder", "shallow", "deep"]
+    headers = ["model", "size", "full (GFLOPs / call, 2 rows)", "encoder", "shallow", "deep", "deep_cfg"]
     out = []
     for r in rows:
         fr = r["fraction_of_full"]
         out.append([r["model"], f"{r['resolution']}²", f"{r['gflops_per_call']['full']:,.1f}",
-                    *(f"{fr[level]:.3f}" for level in ("encoder", "shallow", "deep"))])
+                    *(f"{fr[level]:.3f}" for level in LEVEL_NAMES[1:])])
     return common.markdown_table(headers, out)
 
 

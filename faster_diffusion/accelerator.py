@@ -46,6 +46,7 @@ from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibra
 from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
+    CONDITIONAL_ONLY,
     DECODER_REPLAYING,
     ENCODER,
     ENCODER_HOOK,
@@ -58,11 +59,14 @@ from .unet_split import (
     add_replay_hooks,
     as_float,
     bind_unet_call,
+    conditional_rows,
     frames_per_row,
+    guidance_difference,
     remove_hook,
     replayed_modules,
     repeat_batch,
     supported_levels,
+    with_reused_guidance,
 )
 
 UNET_HOOK = "faster_diffusion_unet"
@@ -132,6 +136,8 @@ class _Run:
     scheduler_steps: int = 0
     groups: dict | None = None  # first step -> the steps whose decoders its UNet call runs (from the levels, once)
     calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call
+    reuses_guidance: bool = False  # the levels have conditional-only steps
+    guidance_difference: torch.Tensor | None = None  # of the latest step that ran both rows, for those steps
     controlnet_passes: int = 0
     cost: CostModel | None = None  # this device's cost model, for plans
     predicted_speedup: float | None = None
@@ -295,7 +301,15 @@ class FasterDiffusion:
         unsupported = sorted(set(spec) - set(supported_levels(self.unet)))
         if unsupported:
             raise ValueError(f"plan: levels {unsupported} need a UNet2DConditionModel; {type(self.unet).__name__} supports {list(supported_levels(self.unet))}")
+        unguided = sorted(set(spec) & set(CONDITIONAL_ONLY)) if not self._guided() else []
+        if unguided:
+            raise ValueError(f"plan: levels {unguided} reuse the guidance difference and need classifier-free guidance "
+                             f"(a pipeline called with guidance_scale > 1); without it use {list(supported_levels(self.unet, guided=False))}")
         return list(spec)
+
+    def _guided(self) -> bool:
+        """Whether this run's UNet batch is [unconditional, conditional] rows (set by SD-family pipelines in a call)."""
+        return self.pipe is not None and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
@@ -349,7 +363,8 @@ class FasterDiffusion:
             return
         run.cost = self._cost_model(original_forward, call)
         started = time.perf_counter()
-        choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel)
+        levels = tuple(lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL)
+        choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel, levels)
         run.planning = time.perf_counter() - started
         run.levels = list(choice.levels)
         run.predicted_speedup = round(choice.time_speedup(run.cost), 3)
@@ -458,6 +473,8 @@ class FasterDiffusion:
         sample = call["sample"]
         rows, group = sample.shape[0], len(timesteps)
         frames = frames_per_row(self.unet, sample)
+        if level in CONDITIONAL_ONLY:  # returns the conditional rows' output; the caller adds the unconditional
+            call, rows = conditional_rows(call, rows), rows // 2
         if group > 1:
             call = {k: repeat_batch(v, (rows, rows * frames), group) for k, v in call.items() if k != "timestep"}
             call["timestep"] = torch.stack([torch.as_tensor(t).to(sample.device).expand(rows) for t in timesteps]).flatten()
@@ -477,7 +494,7 @@ class FasterDiffusion:
         started = time.perf_counter()
         cuda = sample.device.type == "cuda"
         t = call["timestep"]
-        levels = [lv for lv in supported_levels(self.unet) if lv != FULL]
+        levels = [lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL]
         keep, self._mode.keep_decoder = self._mode.keep_decoder, True  # decoder outputs for the replaying levels
 
         def seconds(level, group):
@@ -558,6 +575,7 @@ class FasterDiffusion:
             self._resolve_levels(original_forward, call)
         if run.groups is None:
             run.groups = {g[0]: g for g in decoder_groups(run.levels, self.parallel, self.max_parallel)}
+            run.reuses_guidance = any(level in CONDITIONAL_ONLY for level in run.levels)
             self._mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
         i = run.step
         run.step += 1
@@ -576,6 +594,10 @@ class FasterDiffusion:
         output = self._call_unet(original_forward, call, level, [run.timesteps[s] if len(steps) > 1 else timestep for s in steps])
         run.output_class, noise_pred = type(output), output.sample
         run.calls.append((level, len(steps)))
+        if level in CONDITIONAL_ONLY:
+            noise_pred = with_reused_guidance(noise_pred, run.guidance_difference)
+        elif run.reuses_guidance:
+            run.guidance_difference = guidance_difference(noise_pred.split(call["sample"].shape[0])[-1])
         chunks = noise_pred.split(call["sample"].shape[0])
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
@@ -624,17 +646,17 @@ class _ControlNetHook(ModelHook):
 _CHOICES: dict = {}  # (spec, error model, cost model, their state, options) -> Choice
 
 
-def _choose(spec, model, cost, parallel, max_parallel):
+def _choose(spec, model, cost, parallel, max_parallel, levels):
     """``plan.choose``, solved once per spec, error model and cost model in their current state (the dynamic
     programme takes longer than a small model's whole run)."""
     key = (str(spec), id(model), id(cost), model.correction, tuple((k, tuple(v)) for k, v in sorted(model.level_correction.items())),
-           model.target_snr_db, cost.step_overhead, parallel, max_parallel)
+           model.target_snr_db, cost.step_overhead, parallel, max_parallel, levels)
     found = _CHOICES.get(key)
     if found is not None and found[0] is model and found[1] is cost:
         return found[2]
     if len(_CHOICES) > 256:
         _CHOICES.clear()
-    choice = choose(spec, model, cost, parallel, max_parallel)
+    choice = choose(spec, model, cost, parallel, max_parallel, levels)
     _CHOICES[key] = (model, cost, choice)
     return choice
 

@@ -37,6 +37,7 @@ import torch
 
 from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters, segments
 from .unet_split import (
+    CONDITIONAL_ONLY,
     FULL,
     ModelHook,
     StepMode,
@@ -44,9 +45,12 @@ from .unet_split import (
     add_replay_hooks,
     as_float,
     bind_unet_call,
+    conditional_rows,
     encoder_modules,
+    guidance_difference,
     remove_hook,
     supported_levels,
+    with_reused_guidance,
 )
 
 logger = logging.getLogger("faster_diffusion")
@@ -483,8 +487,9 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     if n != num_steps:
         raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {num_steps} steps; plans need one call a step")
     stock = [_guided(o, guidance) for o in outputs]
-    levels = [lv for lv in supported_levels(unet) if lv != FULL]
-    # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features
+    levels = [lv for lv in supported_levels(unet, guided=guidance is not None) if lv != FULL]
+    # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features (and, at a
+    # conditional-only level, full step a's guidance difference)
     error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in levels}
     directions = {}  # step -> the error of the least computed level two steps after a full step
     mode = StepMode(keep_decoder=True)
@@ -493,8 +498,16 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         for a in range(n - 1):
             for level in levels:
                 for j in range(a, min(n, a + MAX_RUN)):
-                    mode.active, mode.level, mode.rows, mode.group_size = True, FULL if j == a else level, calls[j]["sample"].shape[0], 1
-                    output = unet(**{**calls[j], "return_dict": False})[0]
+                    call, rows = calls[j], calls[j]["sample"].shape[0]
+                    conditional = j > a and level in CONDITIONAL_ONLY
+                    if conditional:
+                        call, rows = conditional_rows(call, rows), rows // 2
+                    mode.active, mode.level, mode.rows, mode.group_size = True, FULL if j == a else level, rows, 1
+                    output = unet(**{**call, "return_dict": False})[0]
+                    if j == a and guidance is not None:
+                        difference_a = guidance_difference(output)
+                    if conditional:
+                        output = with_reused_guidance(output, difference_a)
                     if j > a:
                         difference = _guided(output, guidance) - stock[j]
                         error[level][a, j - a - 1] = float(difference.pow(2).mean())

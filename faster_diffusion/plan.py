@@ -1,6 +1,6 @@
 """Plans: the level of reuse of every sampling step, chosen per model, sampler, size, batch and device.
 
-A plan gives each step one of ``unet_split.LEVELS`` (full, encoder, shallow, deep). ``plan="auto"``
+A plan gives each step one of ``unet_split.LEVELS`` (full, encoder, shallow, deep, deep_cfg). ``plan="auto"``
 and ``plan="auto:T"`` are chosen here from two models:
 
 - ``ErrorModel`` (fitted by ``faster_diffusion.calibrate`` on a stock run, stored in the calibration
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
+from .unet_split import DEEP, DEEP_CFG, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 
 #: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
 #: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled
@@ -42,12 +42,15 @@ from .unet_split import DEEP, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 DEFAULT_PLAN_SNR_DB = 33.0
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
-CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP)
+CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_CFG)  # from most to least computed
 ACCEPTED_PLANS = (
     "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
-    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D letters "
-    "(full, encoder, shallow, deep) or a list of level names, starting with a full step"
+    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D/C letters "
+    "(full, encoder, shallow, deep, deep_cfg) or a list of level names, starting with a full step"
 )
+
+
+_LETTERS = {level: letter for letter, level in LEVEL_LETTERS.items()}
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,8 @@ def parse_plan(spec) -> AutoPlan | tuple[str, ...]:
 
 
 def plan_letters(levels) -> str:
-    """A plan as a string of level letters, e.g. ``FDDFDD``."""
-    return "".join(level[0].upper() for level in levels)
+    """A plan as a string of level letters, e.g. ``FDDFCC``."""
+    return "".join(_LETTERS[level] for level in levels)
 
 
 def decoder_groups(levels, parallel: bool = True, max_parallel: int | None = None) -> list[list[int]]:
@@ -342,6 +345,7 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
         return cost.plan_cost(plan, parallel, max_parallel) - cost.call_overhead
 
     horizon = int(np.ceil(loop_cost((FULL,) * n) / unit)) + n + 1
+    levels = [lv for lv in levels if lv in model.error and lv in cost.level]  # what the calibration and device measured
     options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
     spans = [int(round(loop_cost((FULL,) + (lv,) * (m - 1)) / unit)) for m, lv in options]
     best = np.full((n + 1, horizon + 1), np.inf)
@@ -374,12 +378,12 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
     return sorted(choices, key=lambda c: c.cost)
 
 
-def choose(spec: AutoPlan, model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None) -> Choice:
+def choose(spec: AutoPlan, model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None, levels=CHEAP_LEVELS) -> Choice:
     """``auto``: the cheapest plan predicted within the model's ``target_snr_db``; ``auto:T``: the most
     faithful plan predicted at least T times faster than stock, here and on a compute-bound device (the
     cheapest plan if none is)."""
     min_snr_db = model.target_snr_db
-    choices = frontier(model, cost, parallel, max_parallel)
+    choices = frontier(model, cost, parallel, max_parallel, levels)
     if spec.speedup is None:
         good = [c for c in choices if model.snr_db(c.error) >= min_snr_db]
         return min(good, key=lambda c: c.cost) if good else max(choices, key=lambda c: c.cost)

@@ -70,11 +70,17 @@ def as_float(timestep) -> float:
 #: ``deep``: DeepCache's branch 0: only ``conv_in``, the last layer of the last up block and the output head
 #:     run; every other module replays its latest output (the fresh latent reaches the output through
 #:     ``conv_in``'s skip connection).
-FULL, ENCODER, SHALLOW, DEEP = "full", "encoder", "shallow", "deep"
-LEVELS = (FULL, ENCODER, SHALLOW, DEEP)
-LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP}
+#: ``deep_cfg``: ``deep`` on the conditional rows only (FasterCache's CFG cache): the unconditional output is
+#:     the conditional one less the guidance difference (conditional - unconditional output) of the latest
+#:     step that ran both. Half a deep step's work; nearly free in fidelity, because at a deep step the two
+#:     rows differ mostly through the replayed features, which carry the full step's difference.
+FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG = "full", "encoder", "shallow", "deep", "deep_cfg"
+LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG)
+LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "C": DEEP_CFG}
 #: Levels whose step reads the current latent only through the shallow path: they replay decoder modules.
-DECODER_REPLAYING = (SHALLOW, DEEP)
+DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_CFG)
+#: Levels that run the conditional rows of a guided batch ([unconditional, conditional]) only.
+CONDITIONAL_ONLY = (DEEP_CFG,)
 
 
 @dataclass
@@ -83,7 +89,7 @@ class StepMode:
 
     active: bool = False  # outside a denoising run the hooks pass through
     level: str = FULL  # the level of the step(s) of this call
-    rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video)
+    rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video); half at a conditional-only level
     group_size: int = 1  # steps whose decoders run in this call
     keep_decoder: bool = False  # whether decoder modules keep their outputs (the run has shallow or deep steps)
 
@@ -144,6 +150,10 @@ class ReplayHook(ModelHook):
         mode = self.mode
         if not mode.active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if mode.level in CONDITIONAL_ONLY:  # the conditional half of the rows kept; keeps nothing of its own
+            if mode.level in self.replayed_at:
+                return last_rows(self.cache, mode.rows, 2 * mode.rows)
+            return self.fn_ref.original_forward(*args, **kwargs)
         total = mode.rows * mode.group_size
         if mode.level in self.replayed_at:
             if self.cache is None:
@@ -172,15 +182,15 @@ def replayed_modules(unet) -> dict[torch.nn.Module, tuple[frozenset, bool]]:
         return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
     for module in encoder:
         if module is not unet.conv_in:
-            found[module][0].add(DEEP)
+            found[module][0].update((DEEP, DEEP_CFG))
     for module in encoder[2:]:  # past conv_in and the first down block
         found[module][0].add(SHALLOW)
     for block in unet.up_blocks[:-1]:
-        found[block] = ({SHALLOW, DEEP}, False)
+        found[block] = ({SHALLOW, DEEP, DEEP_CFG}, False)
     last = unet.up_blocks[-1]
     for layers in (last.resnets, getattr(last, "attentions", None) or []):
         for layer in list(layers)[:-1]:
-            found[layer] = ({DEEP}, False)
+            found[layer] = ({DEEP, DEEP_CFG}, False)
     return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
 
 
@@ -194,8 +204,28 @@ def add_replay_hooks(unet, mode: StepMode, name: str) -> list[tuple[torch.nn.Mod
     return hooks
 
 
-def supported_levels(unet) -> tuple[str, ...]:
-    return (FULL, ENCODER) if isinstance(unet, VIDEO_UNETS) else LEVELS
+def supported_levels(unet, guided: bool = True) -> tuple[str, ...]:
+    """The levels ``unet`` can run; the conditional-only ones need a guided batch of [unconditional, conditional] rows."""
+    if isinstance(unet, VIDEO_UNETS):
+        return (FULL, ENCODER)
+    return LEVELS if guided else tuple(lv for lv in LEVELS if lv not in CONDITIONAL_ONLY)
+
+
+def conditional_rows(call: dict, rows: int) -> dict:
+    """A guided UNet call's arguments for its conditional rows only (the second half of every batch of ``rows``)."""
+    return last_rows(call, rows // 2, rows)
+
+
+def with_reused_guidance(conditional: torch.Tensor, guidance_difference: torch.Tensor) -> torch.Tensor:
+    """The [unconditional, conditional] output of a conditional-only step: the unconditional rows estimated as
+    the conditional ones less the guidance difference of the latest step that ran both."""
+    return torch.cat([conditional - guidance_difference, conditional])
+
+
+def guidance_difference(output: torch.Tensor) -> torch.Tensor:
+    """Conditional less unconditional rows of a guided UNet output."""
+    unconditional, conditional = output.chunk(2)
+    return conditional - unconditional
 
 
 def encoder_modules(unet) -> list[torch.nn.Module]:

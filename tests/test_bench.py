@@ -89,6 +89,7 @@ def test_flops_levels_toy(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     fr, g = row["fraction_of_full"], row["gflops_per_call"]
     assert fr["full"] == 1.0 and 1 > fr["encoder"] > fr["shallow"] > fr["deep"] > 0
+    assert fr["deep_cfg"] == pytest.approx(fr["deep"] / 2, rel=1e-6)  # the same layers on the conditional row alone
     unet = flops.build_meta_unet(common.load_unet_config("toy"), device="cpu")
     with flops.one_thread():
         stock = flops.count_stock_forward(unet, 2, 64)

@@ -10,7 +10,7 @@ from conftest import SIZE, difference, sample
 
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, segments
-from faster_diffusion.unet_split import DEEP, ENCODER, FULL, SHALLOW
+from faster_diffusion.unet_split import DEEP, DEEP_CFG, ENCODER, FULL, SHALLOW
 
 STEPS = 12
 
@@ -28,7 +28,7 @@ def test_an_all_full_plan_is_stock_bit_for_bit(pipe):
     assert accel.stats["plan"] == "F" * STEPS and accel.stats["encoder_passes"] == STEPS
 
 
-@pytest.mark.parametrize("plan", ["FEEFDDFSSFED", "FDDDDDFEEEEE", "FSEDFEESDDFE"])
+@pytest.mark.parametrize("plan", ["FEEFDDFSSFED", "FDDDDDFEEEEE", "FSEDFEESDDFE", "FEECCDFSCFEC"])
 def test_parallel_equals_sequential(pipe, plan):
     faster_diffusion.enable(pipe, plan=plan, parallel=False)
     sequential = sample(pipe, steps=STEPS)
@@ -42,7 +42,7 @@ def test_disable_restores_the_stock_pipeline(pipe):
     modules = {name: dict(m.__dict__) for name, m in pipe.unet.named_modules()}
     stock = sample(pipe, steps=STEPS)
     bar, step = pipe.__dict__.get("progress_bar"), pipe.scheduler.__dict__.get("step")
-    with faster_diffusion.enable(pipe, plan="FDDFEEFSSFDD", noise_injection=0.01):
+    with faster_diffusion.enable(pipe, plan="FDDFEEFSSFCC", noise_injection=0.01):
         sample(pipe, steps=STEPS)
     assert torch.equal(sample(pipe, steps=STEPS), stock)
     assert pipe.__dict__.get("progress_bar") is bar and pipe.scheduler.__dict__.get("step") is step
@@ -63,7 +63,7 @@ def test_levels_in_stats_agree_with_what_the_unet_ran(pipe):
     runs_at = {  # which counted modules compute at each level
         FULL: {"conv_in", *inside}, ENCODER: {"up0", "last_first_resnet", "last_last_resnet", "conv_out"},
         SHALLOW: {"conv_in", "down0", "last_first_resnet", "last_last_resnet", "conv_out"},
-        DEEP: {"conv_in", "last_last_resnet", "conv_out"},
+        DEEP: {"conv_in", "last_last_resnet", "conv_out"}, DEEP_CFG: {"conv_in", "last_last_resnet", "conv_out"},
     }
     counts = dict.fromkeys(runs_at[FULL], 0)
 
@@ -73,7 +73,7 @@ def test_levels_in_stats_agree_with_what_the_unet_ran(pipe):
 
         return hook
 
-    plan = "FEEDDSFDSEFD"
+    plan = "FEEDCSFDSEFC"
     accel = faster_diffusion.enable(pipe, plan=plan, parallel=False)
     handles = [module.register_forward_pre_hook(count(name)) for name, module in inside.items()]
     conv = unet.conv_in._conv_forward
@@ -111,13 +111,63 @@ def test_a_deepcache_uniform_plan_draws_deepcache_s_own_images(pipe):
         assert difference(ours, sample(pipe, steps=STEPS)) > 1e-3  # and it is not stock
 
 
+def guided_cost_model(accel, pipe):
+    """The cost model of a guided run of ``sample`` (two rows)."""
+    latent = SIZE // pipe.vae_scale_factor
+    return accel.cost_models[((2, pipe.unet.config.in_channels, latent, latent), "torch.float32", "cpu")]
+
+
+def test_a_deep_cfg_step_is_a_deep_step_with_the_full_step_s_guidance_difference(pipe):
+    """deep_cfg runs the conditional rows of a deep step; the unconditional output is the conditional one less
+    the guidance difference of the latest full step (here with a forward hook on a deep plan)."""
+    latest = {}
+
+    def reuse_guidance(module, args, kwargs, output):
+        step = latest["step"] = latest.get("step", -1) + 1
+        unconditional, conditional = output[0].chunk(2)  # the pipeline calls with return_dict=False
+        if plan[step] == "F":
+            latest["difference"] = conditional - unconditional
+            return output
+        return (torch.cat([conditional - latest["difference"], conditional]),)
+
+    plan = "FDDDFDDFDDDD"
+    faster_diffusion.enable(pipe, plan=plan)
+    deep = sample(pipe, steps=STEPS, guidance_scale=7.5)
+    handle = pipe.unet.register_forward_hook(reuse_guidance, with_kwargs=True)
+    try:
+        expected = sample(pipe, steps=STEPS, guidance_scale=7.5)
+    finally:
+        handle.remove()
+    accel = faster_diffusion.enable(pipe, plan=plan.replace("D", "C"))
+    ours = sample(pipe, steps=STEPS, guidance_scale=7.5)
+    assert difference(ours, expected) < 1e-4 and difference(ours, deep) > 1e-3
+    assert accel.stats["levels"] == {FULL: 3, DEEP_CFG: 9}
+    accel.disable()
+    # half the rows, half the work (the cost model counts each level's call)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=faster_diffusion.calibrate(
+        pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE))
+    sample(pipe, steps=STEPS)
+    flops = guided_cost_model(accel, pipe).flops
+    assert flops[DEEP_CFG] == pytest.approx(flops[DEEP] / 2, rel=0.01)
+
+
+def test_deep_cfg_needs_classifier_free_guidance(pipe):
+    faster_diffusion.enable(pipe, plan="FCCCFCCCFCCC")
+    with pytest.raises(ValueError, match=r"levels \['deep_cfg'\] reuse the guidance difference and need classifier-free guidance"):
+        sample(pipe, steps=STEPS, guidance_scale=1.0)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=faster_diffusion.calibrate(
+        pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE))
+    sample(pipe, steps=STEPS, guidance_scale=1.0)  # auto leaves deep_cfg out of an unguided run
+    assert DEEP_CFG not in accel.stats["levels"]
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
         (dict(plan="auto:0.5"), r"plan='auto:0.5': T in 'auto:T' must be a number > 1"),
         (dict(plan="auto:x"), r"plan='auto:x': T in 'auto:T' must be a number > 1"),
         (dict(plan="auto:1"), r"must be a number > 1"),
-        (dict(plan="FDXD"), r"plan='FDXD' is not a plan; accepted: 'auto'"),
+        (dict(plan="FDXD"), r"plan='FDXD' is not a plan; accepted: 'auto'.*F/E/S/D/C letters"),
         (dict(plan="DDFF"), r"step 0 must be a full step"),
         (dict(plan=["full", "warp"]), r"unknown levels \['warp'\]"),
         (dict(plan="auto", key_steps="paper"), r"plan='auto' and key_steps='paper': give one of them, not both"),
@@ -221,7 +271,7 @@ def test_the_cost_model_times_the_pipeline_call_outside_the_loop(pipe):
     calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[3], plans=True, height=SIZE, width=SIZE)
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
     sample(pipe, steps=STEPS)
-    (cost,) = accel.cost_models.values()
+    cost = guided_cost_model(accel, pipe)
     assert 0 < cost.call_overhead < cost.stock_seconds(STEPS)
     assert accel.stats["predicted_speedup"] == round(cost.stock_seconds(STEPS) / cost.plan_seconds(parse_plan(accel.stats["plan"])), 3)
 
@@ -230,14 +280,14 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     prompts = ["a red square", "a blue circle"]
     calibration = faster_diffusion.calibrate(pipe, prompts, STEPS, seeds=[3, 4], plans=True, height=SIZE, width=SIZE)
     model = calibration.error_model
-    assert set(model.error) == {ENCODER, SHALLOW, DEEP} and model.error[DEEP].shape == (STEPS, 7)
+    assert set(model.error) == {ENCODER, SHALLOW, DEEP, DEEP_CFG} and model.error[DEEP].shape == (STEPS, 7)
     assert np.isnan(model.error[DEEP][STEPS - 1]).all() and (model.error[DEEP][0] > 0).all()
     assert (model.sensitivity[1:] > 0).all() and model.signal > 0
     plan, report = faster_diffusion.validate_plan(pipe, calibration, height=SIZE, width=SIZE)
-    assert set(report["level_correction"]) == {ENCODER, SHALLOW, DEEP} and report["correction"] > 0
+    assert set(report["level_correction"]) == {ENCODER, SHALLOW, DEEP, DEEP_CFG} and report["correction"] > 0
     # a correction per segment length: each uniform probe's prediction (before the overall correction) is
     # what its outputs measured
-    for level in (ENCODER, SHALLOW, DEEP):
+    for level in (ENCODER, SHALLOW, DEEP, DEEP_CFG):
         for length in range(2, model.max_run + 1):
             probe = "".join("F" if i % length == 0 else level[0].upper() for i in range(STEPS))
             measured = next(t["snr_db"] for t in report["tried"] if t["plan"] == probe)  # the probe's, first
