@@ -103,3 +103,40 @@ def test_inpainting_unet_takes_nine_channels():
     pipe.set_progress_bar_config(disable=True)
     pipe("x", image=IMAGE, mask_image=MASK, num_inference_steps=8, height=SIZE, width=SIZE, output_type="latent")
     assert accel.stats["encoder_passes"] == 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deep_cfg_steps_in_every_pipeline_family(case):
+    """A deep_cfg step runs the prompt's rows alone (SDXL's added conditions, ControlNet residuals and the
+    inpainting channels sliced with them) and equals a deep step whose unconditional output is replaced by
+    the conditional one less the latest full step's guidance difference."""
+    make, kwargs, loop_steps = CASES[case]
+    pipe = make()
+    pipe.set_progress_bar_config(disable=True)
+    plan = "".join("F" if i % 4 == 0 else "C" for i in range(loop_steps))
+    latest = {}
+
+    def reuse_guidance(module, args, kwargs, output):
+        step = latest["step"] = latest.get("step", -1) + 1
+        unconditional, conditional = output[0].chunk(2)
+        if plan[step] == "F":
+            latest["difference"] = conditional - unconditional
+            return output
+        return (torch.cat([conditional - latest["difference"], conditional]),)
+
+    def run():
+        return pipe(
+            "a red square in the center", num_inference_steps=20, height=SIZE, width=SIZE, guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs,
+        ).images
+
+    faster_diffusion.enable(pipe, plan=plan.replace("C", "D"))
+    handle = pipe.unet.register_forward_hook(reuse_guidance, with_kwargs=True)
+    try:
+        expected = run()
+    finally:
+        handle.remove()
+    accel = faster_diffusion.enable(pipe, plan=plan)
+    assert difference(run(), expected) < 1e-4
+    assert accel.stats["levels"] == {"full": plan.count("F"), "deep_cfg": plan.count("C")}
+    faster_diffusion.disable(pipe)
