@@ -91,8 +91,9 @@ class Predictor(BaseRunner):
         acceleration = Acceleration()
         with accelerated(pipe, acceleration, self._calibrations_for(self.planner.plan(
                 image=None, mask=None, prompt_strength=1.0, width=None, height=None, num_outputs=1,
-                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration), DEFAULT_SCHEDULER)):
-            pipe("", num_inference_steps=DEFAULT_STEPS, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
+                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration, guidance_scale=7.5), DEFAULT_SCHEDULER)):
+            pipe("", num_inference_steps=DEFAULT_STEPS, guidance_scale=7.5, output_type="latent",
+                 generator=torch.Generator("cpu").manual_seed(0))
 
     @property
     def calibrations(self) -> list:
@@ -221,6 +222,7 @@ class Predictor(BaseRunner):
         request = self.planner.plan(
             image=image, mask=mask, prompt_strength=prompt_strength, width=width, height=height,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, acceleration=acceleration,
+            guidance_scale=guidance_scale,
         )
         lora_file = resolve_lora(lora_weights) if lora_weights else None  # fails here, naming lora_weights
         if seed is None:

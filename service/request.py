@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan
+from faster_diffusion.unet_split import DEEP_CFG
 from faster_diffusion.schedules import is_calibrated
 
 ACCELERATIONS = ["faster-diffusion", "none"]
@@ -49,12 +50,19 @@ class Acceleration:
             return is_calibrated(self.key_steps)
         return isinstance(faster_diffusion.parse_plan(self.plan), AutoPlan)
 
-    def check(self, loop_steps: int) -> None:
-        """Fails, naming the field, on a schedule the run's step count cannot take."""
+    def check(self, loop_steps: int, guided: bool = True) -> None:
+        """Fails, naming the field, on a schedule the run's step count (or its lack of guidance) cannot take."""
         if not self.on:
             return
         if not self.key_steps:
-            faster_diffusion.parse_plan(self.plan)  # its errors name `plan`
+            levels = faster_diffusion.parse_plan(self.plan)  # its errors name `plan`
+            if isinstance(levels, AutoPlan):
+                return
+            if len(levels) != loop_steps:
+                raise ValueError(f"plan: {len(levels)} levels for a run of {loop_steps} steps (one level a step; img2img "
+                                 "and inpainting run int(num_inference_steps x prompt_strength) steps)")
+            if not guided and DEEP_CFG in levels:
+                raise ValueError("plan: C (deep_cfg) steps reuse the guidance difference and need guidance_scale > 1")
             return
         if self.plan.strip().lower() != "auto":  # "auto" is the default: the one value that does not conflict
             raise ValueError(f"plan={self.plan!r} and key_steps={self.key_steps!r}: set one of them (key_steps gives "
@@ -120,11 +128,11 @@ class Planner:
         self.max_pixels = max_pixels
 
     def plan(self, *, image, mask, prompt_strength, width, height, num_outputs, num_inference_steps,
-             acceleration: Acceleration) -> Request:  # fmt: skip
+             acceleration: Acceleration, guidance_scale: float) -> Request:  # fmt: skip
         request = self._pick_pipeline(image, mask, prompt_strength, width, height, num_inference_steps)
         request.num_outputs, request.acceleration = num_outputs, acceleration
         self._check_size(request.width, request.height, num_outputs)
-        acceleration.check(request.loop_steps)
+        acceleration.check(request.loop_steps, guided=guidance_scale > 1)
         return request
 
     def _pick_pipeline(self, image, mask, prompt_strength, width, height, steps) -> Request:

@@ -363,6 +363,8 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"plan": "auto:x"}, "plan"),
         ({"plan": "fast"}, "plan"),
         ({"plan": "auto:2", "key_steps": "paper"}, "plan"),  # both set: one or the other
+        ({"plan": "FCCF", "num_inference_steps": 8}, "plan"),  # 4 levels for 8 steps
+        ({"plan": "FCCFCCFC", "num_inference_steps": 8, "guidance_scale": 1}, "plan"),  # deep_cfg without guidance
         ({"width": 100}, "width"),
         ({"height": 68}, "height"),
         ({"width": 1024, "height": 1024, "num_outputs": 4}, "width x height x num_outputs"),
