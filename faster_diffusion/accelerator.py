@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
 
 from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibrations
 from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
@@ -69,6 +70,8 @@ from .unet_split import (
     with_reused_guidance,
 )
 
+#: pipelines whose guidance batch is not [unconditional, conditional] rows
+THREE_WAY_GUIDANCE = (StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline)
 UNET_HOOK = "faster_diffusion_unet"
 CONTROLNET_HOOK = "faster_diffusion_controlnet"
 logger = logging.getLogger("faster_diffusion")
@@ -304,12 +307,16 @@ class FasterDiffusion:
         unguided = sorted(set(spec) & set(CONDITIONAL_ONLY)) if not self._guided() else []
         if unguided:
             raise ValueError(f"plan: levels {unguided} reuse the guidance difference and need classifier-free guidance "
-                             f"(a pipeline called with guidance_scale > 1); without it use {list(supported_levels(self.unet, guided=False))}")
+                             "on [unconditional, conditional] rows (a text-to-image, img2img, inpainting or ControlNet "
+                             f"pipeline called with guidance_scale > 1); without it use {list(supported_levels(self.unet, guided=False))}")
         return list(spec)
 
     def _guided(self) -> bool:
-        """Whether this run's UNet batch is [unconditional, conditional] rows (set by SD-family pipelines in a call)."""
-        return self.pipe is not None and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        """Whether this run's UNet batch is [unconditional, conditional] rows (set by SD-family pipelines in a call;
+        InstructPix2Pix guides on three kinds of rows)."""
+        if self.pipe is None or isinstance(self.pipe, THREE_WAY_GUIDANCE):
+            return False
+        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)

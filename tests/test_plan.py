@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import SIZE, difference, sample
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from PIL import Image
+from tiny_pipelines import tiny_sd
 
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, segments
@@ -155,6 +158,11 @@ def test_deep_cfg_needs_classifier_free_guidance(pipe):
     faster_diffusion.enable(pipe, plan="FCCCFCCCFCCC")
     with pytest.raises(ValueError, match=r"levels \['deep_cfg'\] reuse the guidance difference and need classifier-free guidance"):
         sample(pipe, steps=STEPS, guidance_scale=1.0)
+    pix2pix = tiny_sd(StableDiffusionInstructPix2PixPipeline, in_channels=8)  # guides on three kinds of rows
+    pix2pix.set_progress_bar_config(disable=True)
+    faster_diffusion.enable(pix2pix, plan="FCCCFCCC")
+    with pytest.raises(ValueError, match=r"on \[unconditional, conditional\] rows"):
+        pix2pix("x", image=Image.new("RGB", (SIZE, SIZE)), num_inference_steps=8, output_type="latent")
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=faster_diffusion.calibrate(
         pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE))
     sample(pipe, steps=STEPS, guidance_scale=1.0)  # auto leaves deep_cfg out of an unguided run
