@@ -83,6 +83,23 @@ def sample(pipe, prompt=PROMPT, steps=12, seed=0, size=SIZE, **kwargs):
     ).images
 
 
+def guidance_reused_at(plan: str):
+    """A forward hook (``register_forward_hook(..., with_kwargs=True)``) that makes a deep plan's D steps what
+    deep_cfg computes: the unconditional output replaced by the conditional one less the latest F step's
+    guidance difference. The reference for deep_cfg (``plan.replace("C", "D")`` with this hook)."""
+    latest = {"step": -1}
+
+    def hook(module, args, kwargs, output):
+        latest["step"] += 1
+        unconditional, conditional = output[0].chunk(2)  # pipelines call the UNet with return_dict=False
+        if plan[latest["step"]] == "F":
+            latest["difference"] = conditional - unconditional
+            return output
+        return (torch.cat([conditional - latest["difference"], conditional]),)
+
+    return hook
+
+
 def difference(a, b):
     """Largest absolute difference relative to the outputs' range (an untrained UNet's latents reach ~30)."""
     return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()

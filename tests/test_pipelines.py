@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
-from conftest import difference
+from conftest import difference, guidance_reused_at
 from tiny_pipelines import (
     SD_SCHEDULER,
     tiny_controlnet_sd,
@@ -114,16 +114,6 @@ def test_deep_cfg_steps_in_every_pipeline_family(case):
     pipe = make()
     pipe.set_progress_bar_config(disable=True)
     plan = "".join("F" if i % 4 == 0 else "C" for i in range(loop_steps))
-    latest = {}
-
-    def reuse_guidance(module, args, kwargs, output):
-        step = latest["step"] = latest.get("step", -1) + 1
-        unconditional, conditional = output[0].chunk(2)
-        if plan[step] == "F":
-            latest["difference"] = conditional - unconditional
-            return output
-        return (torch.cat([conditional - latest["difference"], conditional]),)
-
     def run():
         return pipe(
             "a red square in the center", num_inference_steps=20, height=SIZE, width=SIZE, guidance_scale=7.5,
@@ -131,7 +121,7 @@ def test_deep_cfg_steps_in_every_pipeline_family(case):
         ).images
 
     faster_diffusion.enable(pipe, plan=plan.replace("C", "D"))
-    handle = pipe.unet.register_forward_hook(reuse_guidance, with_kwargs=True)
+    handle = pipe.unet.register_forward_hook(guidance_reused_at(plan), with_kwargs=True)
     try:
         expected = run()
     finally:

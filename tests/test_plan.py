@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, difference, sample
+from conftest import SIZE, difference, guidance_reused_at, sample
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 from tiny_pipelines import tiny_sd
@@ -123,20 +123,10 @@ def guided_cost_model(accel, pipe):
 def test_a_deep_cfg_step_is_a_deep_step_with_the_full_step_s_guidance_difference(pipe):
     """deep_cfg runs the conditional rows of a deep step; the unconditional output is the conditional one less
     the guidance difference of the latest full step (here with a forward hook on a deep plan)."""
-    latest = {}
-
-    def reuse_guidance(module, args, kwargs, output):
-        step = latest["step"] = latest.get("step", -1) + 1
-        unconditional, conditional = output[0].chunk(2)  # the pipeline calls with return_dict=False
-        if plan[step] == "F":
-            latest["difference"] = conditional - unconditional
-            return output
-        return (torch.cat([conditional - latest["difference"], conditional]),)
-
     plan = "FDDDFDDFDDDD"
     faster_diffusion.enable(pipe, plan=plan)
     deep = sample(pipe, steps=STEPS, guidance_scale=7.5)
-    handle = pipe.unet.register_forward_hook(reuse_guidance, with_kwargs=True)
+    handle = pipe.unet.register_forward_hook(guidance_reused_at(plan), with_kwargs=True)
     try:
         expected = sample(pipe, steps=STEPS, guidance_scale=7.5)
     finally:
