@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import flops  # noqa: E402
 
+from faster_diffusion.unet_split import LEVELS  # noqa: E402
+
 TINY_SHAPES = common.ROOT / "weights" / "tiny-shapes" / "unet" / "config.json"
 DEFAULT_MODELS = "sd15,sdxl,tiny-shapes"
 PLAN = "FESD"  # one step at each level, in an order where every level finds the features it replays
-LEVEL_NAMES = ("full", "encoder", "shallow", "deep", "deep_cfg")
 
 
 def level_flops(unet, rows: int, resolution: int) -> dict:
@@ -85,8 +86,8 @@ def count_model(name: str, config: dict, resolution: int, device: str) -> dict:
         raise RuntimeError(f"{name}: a full-level call counts {full} FLOPs, a stock forward {counted['stock']}")
     row = {
         "model": name, "resolution": resolution, "latent": resolution // 8, "rows_per_call": 2,
-        "gflops_per_call": {level: counted[level] / 1e9 for level in LEVEL_NAMES},
-        "fraction_of_full": {level: counted[level] / full for level in LEVEL_NAMES},
+        "gflops_per_call": {level: counted[level] / 1e9 for level in LEVELS},
+        "fraction_of_full": {level: counted[level] / full for level in LEVELS},
         "count_seconds": round(time.time() - t0, 1),
     }
     fr = row["fraction_of_full"]
@@ -101,7 +102,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         fr = r["fraction_of_full"]
         out.append([r["model"], f"{r['resolution']}²", f"{r['gflops_per_call']['full']:,.1f}",
-                    *(f"{fr[level]:.3f}" for level in LEVEL_NAMES[1:])])
+                    *(f"{fr[level]:.3f}" for level in LEVELS[1:])])
     return common.markdown_table(headers, out)
 
 

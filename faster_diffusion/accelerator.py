@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
 
 from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibrations
 from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
@@ -63,6 +62,7 @@ from .unet_split import (
     conditional_rows,
     frames_per_row,
     guidance_difference,
+    guides_on_two_halves,
     remove_hook,
     replayed_modules,
     repeat_batch,
@@ -70,8 +70,6 @@ from .unet_split import (
     with_reused_guidance,
 )
 
-#: pipelines whose guidance batch is not [unconditional, conditional] rows
-THREE_WAY_GUIDANCE = (StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline)
 UNET_HOOK = "faster_diffusion_unet"
 CONTROLNET_HOOK = "faster_diffusion_controlnet"
 logger = logging.getLogger("faster_diffusion")
@@ -312,11 +310,7 @@ class FasterDiffusion:
         return list(spec)
 
     def _guided(self) -> bool:
-        """Whether this run's UNet batch is [unconditional, conditional] rows (set by SD-family pipelines in a call;
-        InstructPix2Pix guides on three kinds of rows)."""
-        if self.pipe is None or isinstance(self.pipe, THREE_WAY_GUIDANCE):
-            return False
-        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        return guides_on_two_halves(self.pipe)
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
@@ -495,7 +489,8 @@ class FasterDiffusion:
     def _cost_model(self, original_forward, call) -> CostModel:
         """This device's cost model at the run's batch and size: measured once on the run's own inputs."""
         sample = call["sample"]
-        key = (tuple(sample.shape), str(sample.dtype), str(sample.device))
+        # guided: the levels measured (deep_cfg needs guidance) and the call's work around the loop differ
+        key = (tuple(sample.shape), str(sample.dtype), str(sample.device), self._guided())
         if key in self.cost_models:
             return self.cost_models[key]
         started = time.perf_counter()
@@ -529,7 +524,7 @@ class FasterDiffusion:
             step_overhead=self._step_overhead(call),
             call_overhead=self._call_overhead(call),
             flops=flops,
-            info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2]},
+            info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2], "guided": key[3]},
         )
         self.cost_models[key] = cost
         self._run.measuring += time.perf_counter() - started
@@ -557,7 +552,7 @@ class FasterDiffusion:
         if self.pipe is None or self._run.timesteps is None:
             return 0.0
         sample, steps = call["sample"], len(self._run.timesteps)
-        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", True))  # set by SD-family pipelines in a call
+        guided = self._guided()
         images = max(1, sample.shape[0] // 2) if guided else sample.shape[0]
         seconds = _least_seconds(lambda scheduler: scheduler.set_timesteps(steps), sample.device,
                                  prepare=lambda: copy.deepcopy(self.pipe.scheduler))
@@ -657,7 +652,7 @@ def _choose(spec, model, cost, parallel, max_parallel, levels):
     """``plan.choose``, solved once per spec, error model and cost model in their current state (the dynamic
     programme takes longer than a small model's whole run)."""
     key = (str(spec), id(model), id(cost), model.correction, tuple((k, tuple(v)) for k, v in sorted(model.level_correction.items())),
-           model.target_snr_db, cost.step_overhead, parallel, max_parallel, levels)
+           model.target_snr_db, cost.step_overhead, cost.call_overhead, parallel, max_parallel, levels)
     found = _CHOICES.get(key)
     if found is not None and found[0] is model and found[1] is cost:
         return found[2]
@@ -670,7 +665,7 @@ def _choose(spec, model, cost, parallel, max_parallel, levels):
 
 def cost_models(unet) -> dict:
     """The cost models measured in this process for ``unet`` (a pipeline's or the UNet itself), keyed by
-    ``(sample shape, dtype, device)``: the dictionary itself, so that a server can save them and put
+    ``(sample shape, dtype, device, guided)``: the dictionary itself, so that a server can save them and put
     them back after a restart (``CostModel.to_dict`` / ``from_dict``) instead of measuring again."""
     unet = getattr(unet, "unet", unet)
     return _COST_MODELS.setdefault(unet, {})

@@ -48,6 +48,7 @@ from .unet_split import (
     conditional_rows,
     encoder_modules,
     guidance_difference,
+    guides_on_two_halves,
     remove_hook,
     supported_levels,
     with_reused_guidance,
@@ -481,7 +482,10 @@ def _guided(output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
 def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, num_steps, call_kwargs) -> ErrorModel:
     started = time.perf_counter()
     unet = pipe.unet
-    guidance = float(pipe.guidance_scale) if getattr(pipe, "do_classifier_free_guidance", False) else None
+    if getattr(pipe, "do_classifier_free_guidance", False) and not guides_on_two_halves(pipe):
+        raise ValueError(f"plans=True: {type(pipe).__name__} guides on more than [unconditional, conditional] rows; "
+                         "fit the error model of plans with the model's text-to-image pipeline")
+    guidance = float(pipe.guidance_scale) if guides_on_two_halves(pipe) else None
     calls, outputs = recorded.calls, recorded.outputs
     n = len(calls)
     if n != num_steps:
@@ -491,7 +495,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features (and, at a
     # conditional-only level, full step a's guidance difference)
     error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in levels}
-    directions = {}  # step -> the error of the least computed level two steps after a full step
+    directions = {}  # step -> the error of the least computed level (deep_cfg where guided) two steps after a full step
     mode = StepMode(keep_decoder=True)
     hooks = add_replay_hooks(unet, mode, RECORDER_HOOK)
     try:

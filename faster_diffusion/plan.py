@@ -38,8 +38,8 @@ from .unet_split import DEEP, DEEP_CFG, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SH
 
 #: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
 #: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled
-#: model (docs/benchmarks.md): at this bar DDIM-50's images stay above 42 dB PSNR from stock's (42.4 dB
-#: on 24 images, 42.6 on 200; at 33 dB, 43.7 dB at 5% less speed).
+#: model (docs/benchmarks.md): at this bar DDIM-50's images stay above 42 dB PSNR from stock's (bench/peers.py:
+#: 42.4 dB on 24 images, 42.6 on 200; the quality harness: 42.3 on its 200; at 33 dB, 43.7 dB at 5% less speed).
 DEFAULT_PLAN_SNR_DB = 31.5
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
@@ -258,10 +258,12 @@ class CostModel:
     """Seconds (and FLOPs) of UNet calls on one device at one batch and size (measured by the accelerator)."""
 
     full: dict[int, float]  # g -> a full step whose call also runs g - 1 encoder-propagated decoders
-    level: dict[str, float]  # shallow / deep / encoder (one encoder-propagated decoder alone)
+    level: dict[str, float]  # every cheaper level measured (encoder: one encoder-propagated decoder alone)
     step_overhead: float  # the sampler step and the loop's own work, per step
-    call_overhead: float = 0.0  # the pipeline call's work outside the loop, the same for every plan
-    flops: dict[str, float] = field(default_factory=dict)  # full, encoder, shallow, deep: FLOPs of one call
+    # the pipeline call's work outside the loop, the same for every plan: setting the timesteps, prompt encoding
+    # and the VAE decode (a call with output_type="latent" skips the decode: its speed-up is a little lower)
+    call_overhead: float = 0.0
+    flops: dict[str, float] = field(default_factory=dict)  # level -> FLOPs of one call
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

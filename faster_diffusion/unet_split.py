@@ -150,14 +150,14 @@ class ReplayHook(ModelHook):
         mode = self.mode
         if not mode.active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if mode.level in self.replayed_at and self.cache is None:
+            raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any step computed the features it reuses")
         if mode.level in CONDITIONAL_ONLY:  # the conditional half of the rows kept; keeps nothing of its own
             if mode.level in self.replayed_at:
                 return last_rows(self.cache, mode.rows, 2 * mode.rows)
             return self.fn_ref.original_forward(*args, **kwargs)
         total = mode.rows * mode.group_size
         if mode.level in self.replayed_at:
-            if self.cache is None:
-                raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any step computed the features it reuses")
             return repeat_batch(self.cache, mode.rows, mode.group_size) if self.shared else self.cache
         if self.shared:
             args, kwargs = first_rows((args, kwargs), mode.rows, total)
@@ -209,6 +209,19 @@ def supported_levels(unet, guided: bool = True) -> tuple[str, ...]:
     if isinstance(unet, VIDEO_UNETS):
         return (FULL, ENCODER)
     return LEVELS if guided else tuple(lv for lv in LEVELS if lv not in CONDITIONAL_ONLY)
+
+
+def guides_on_two_halves(pipe) -> bool:
+    """Whether ``pipe``'s UNet batch in its current call is [unconditional, conditional] rows: classifier-free
+    guidance (``do_classifier_free_guidance``, set by SD-family pipelines in a call), not InstructPix2Pix's three
+    kinds of rows nor perturbed-attention guidance's extra ones. False outside a pipeline."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
+
+    if pipe is None or isinstance(pipe, (StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline)):
+        return False
+    if getattr(pipe, "do_perturbed_attention_guidance", False):
+        return False
+    return bool(getattr(pipe, "do_classifier_free_guidance", False))
 
 
 def conditional_rows(call: dict, rows: int) -> dict:

@@ -37,7 +37,8 @@ class CostModelStore:
         self.models = faster_diffusion.cost_models(unet)  # the accelerator's own dictionary
         for path, data in self.cache.load_all():
             try:
-                key = (tuple(data["key"][0]), data["key"][1], data["key"][2])
+                shape, dtype, device, guided = data["key"]  # files keyed without `guided` are measured again
+                key = (tuple(shape), dtype, device, bool(guided))
                 self.models.setdefault(key, CostModel.from_dict(data["model"]))
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 logger.warning("cache: skipping %s: not a cost model (%s)", path, err)
@@ -47,5 +48,5 @@ class CostModelStore:
         for key, model in list(self.models.items()):
             if key not in self.saved:
                 name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-                self.cache.put(name, {"key": [list(key[0]), key[1], key[2]], "model": model.to_dict()})
+                self.cache.put(name, {"key": [list(key[0]), *key[1:]], "model": model.to_dict()})
                 self.saved.add(key)

@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan
-from faster_diffusion.unet_split import DEEP_CFG
 from faster_diffusion.schedules import is_calibrated
+from faster_diffusion.unet_split import DEEP_CFG
 
 ACCELERATIONS = ["faster-diffusion", "none"]
 # Largest width x height x num_outputs one request may ask for (four 768x768 images);

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import SIZE, difference, guidance_reused_at, sample
-from diffusers import StableDiffusionInstructPix2PixPipeline
+from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPAGPipeline
 from PIL import Image
 from tiny_pipelines import tiny_sd
 
 import faster_diffusion
-from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, segments
+from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segments
 from faster_diffusion.unet_split import DEEP, DEEP_CFG, ENCODER, FULL, SHALLOW
 
 STEPS = 12
@@ -117,7 +117,7 @@ def test_a_deepcache_uniform_plan_draws_deepcache_s_own_images(pipe):
 def guided_cost_model(accel, pipe):
     """The cost model of a guided run of ``sample`` (two rows)."""
     latent = SIZE // pipe.vae_scale_factor
-    return accel.cost_models[((2, pipe.unet.config.in_channels, latent, latent), "torch.float32", "cpu")]
+    return accel.cost_models[((2, pipe.unet.config.in_channels, latent, latent), "torch.float32", "cpu", True)]
 
 
 def test_a_deep_cfg_step_is_a_deep_step_with_the_full_step_s_guidance_difference(pipe):
@@ -153,10 +153,28 @@ def test_deep_cfg_needs_classifier_free_guidance(pipe):
     faster_diffusion.enable(pix2pix, plan="FCCCFCCC")
     with pytest.raises(ValueError, match=r"on \[unconditional, conditional\] rows"):
         pix2pix("x", image=Image.new("RGB", (SIZE, SIZE)), num_inference_steps=8, output_type="latent")
-    accel = faster_diffusion.enable(pipe, plan="auto", calibration=faster_diffusion.calibrate(
-        pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE))
-    sample(pipe, steps=STEPS, guidance_scale=1.0)  # auto leaves deep_cfg out of an unguided run
+    faster_diffusion.disable(pix2pix)
+    with pytest.raises(ValueError, match=r"plans=True: StableDiffusionInstructPix2PixPipeline guides on more than"):
+        faster_diffusion.calibrate(pix2pix, ["x"], 8, plans=True, image=Image.new("RGB", (SIZE, SIZE)))
+    pag = tiny_sd(StableDiffusionPAGPipeline)  # perturbed-attention guidance adds rows of its own
+    pag.set_progress_bar_config(disable=True)
+    faster_diffusion.enable(pag, plan="FCCCFCCC")
+    with pytest.raises(ValueError, match=r"on \[unconditional, conditional\] rows"):
+        pag("x", num_inference_steps=8, height=SIZE, width=SIZE, pag_scale=3.0, output_type="latent")
+
+
+def test_guided_and_unguided_runs_of_one_shape_measure_their_own_cost_models(pipe):
+    """Two unguided images and one guided image give the UNet the same 2-row batch; only the guided run can
+    take deep_cfg steps (and its call encodes a negative prompt), so each gets its own cost model."""
+    calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
+    sample(pipe, steps=STEPS, guidance_scale=1.0, num_images_per_prompt=2)  # auto leaves deep_cfg out unguided
     assert DEEP_CFG not in accel.stats["levels"]
+    sample(pipe, steps=STEPS)
+    assert DEEP_CFG in accel.stats["levels"]
+    shape = (2, pipe.unet.config.in_channels, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
+    unguided, guided = (accel.cost_models[(shape, "torch.float32", "cpu", g)] for g in (False, True))
+    assert DEEP_CFG in guided.level and DEEP_CFG not in unguided.level
 
 
 @pytest.mark.parametrize(
@@ -287,7 +305,7 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     # what its outputs measured
     for level in (ENCODER, SHALLOW, DEEP, DEEP_CFG):
         for length in range(2, model.max_run + 1):
-            probe = "".join("F" if i % length == 0 else level[0].upper() for i in range(STEPS))
+            probe = plan_letters([FULL if i % length == 0 else level for i in range(STEPS)])
             measured = next(t["snr_db"] for t in report["tried"] if t["plan"] == probe)  # the probe's, first
             assert model.snr_db(model.predicted_error(probe) / model.correction) == pytest.approx(measured, abs=0.02)
     path = calibration.save(tmp_path / "DDIM.json")

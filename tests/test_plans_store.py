@@ -1,5 +1,6 @@
 """The service keeps the planner's cost models in its cache directory across restarts."""
 
+import json
 import logging
 
 import pytest
@@ -9,7 +10,7 @@ import faster_diffusion
 from faster_diffusion.plan import CostModel
 from service.plans import CostModelStore
 
-KEY = ((2, 4, 8, 8), "torch.float32", "cpu")
+KEY = ((2, 4, 8, 8), "torch.float32", "cpu", True)
 
 
 def cost_model() -> CostModel:
@@ -25,11 +26,14 @@ def test_cost_models_survive_a_restart_and_bad_files_are_skipped(caplog):
     store.models[KEY] = cost_model()
     store.save_new()
     (store.cache.folder / "junk.json").write_text("{not json")
+    unkeyed = {"key": [list(KEY[0]), *KEY[1:3]], "model": cost_model().to_dict()}  # keyed before `guided`
+    (store.cache.folder / "unkeyed.json").write_text(json.dumps(unkeyed))
     restarted = tiny_unet()  # a new process: a new UNet object, an empty dictionary
     with caplog.at_level(logging.WARNING):
         loaded = CostModelStore(restarted, "weights-a", "cpu").models
     assert loaded[KEY] == cost_model() and faster_diffusion.cost_models(restarted) is loaded
-    assert any("junk.json" in record.getMessage() for record in caplog.records)
+    assert loaded.keys() == {KEY}
+    assert {"junk.json", "unkeyed.json"} <= {m for r in caplog.records for m in ("junk.json", "unkeyed.json") if m in r.getMessage()}
     assert CostModelStore(tiny_unet(), "weights-b", "cpu").models == {}  # other weights: their own
 
 
