@@ -598,9 +598,9 @@ class FasterDiffusion:
         run.calls.append((level, len(steps)))
         if level in CONDITIONAL_ONLY:
             noise_pred = with_reused_guidance(noise_pred, run.guidance_difference)
-        elif run.reuses_guidance:
-            run.guidance_difference = guidance_difference(noise_pred.split(call["sample"].shape[0])[-1])
         chunks = noise_pred.split(call["sample"].shape[0])
+        if run.reuses_guidance and level not in CONDITIONAL_ONLY:  # the group's latest step, whose features are kept
+            run.guidance_difference = guidance_difference(chunks[-1])
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
