@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibrations
-from .plan import AutoPlan, CostModel, choose, decoder_groups, parse_plan, plan_letters
+from .plan import AutoPlan, CostModel, check_levels, choose, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
     CONDITIONAL_ONLY,
@@ -297,20 +297,18 @@ class FasterDiffusion:
         spec = parse_plan(self.plan)
         if isinstance(spec, AutoPlan):
             return None
-        if len(spec) != num_steps:
-            raise ValueError(f"plan={plan_letters(spec)!r} has {len(spec)} levels; the run has {num_steps} steps")
+        check_levels(spec, num_steps, self._guided())
         unsupported = sorted(set(spec) - set(supported_levels(self.unet)))
         if unsupported:
             raise ValueError(f"plan: levels {unsupported} need a UNet2DConditionModel; {type(self.unet).__name__} supports {list(supported_levels(self.unet))}")
-        unguided = sorted(set(spec) & set(CONDITIONAL_ONLY)) if not self._guided() else []
-        if unguided:
-            raise ValueError(f"plan: levels {unguided} reuse the guidance difference and need classifier-free guidance "
-                             "on [unconditional, conditional] rows (a text-to-image, img2img, inpainting or ControlNet "
-                             f"pipeline called with guidance_scale > 1); without it use {list(supported_levels(self.unet, guided=False))}")
         return list(spec)
 
     def _guided(self) -> bool:
         return guides_on_two_halves(self.pipe)
+
+    def _cheap_levels(self) -> tuple[str, ...]:
+        """The levels below full this run can take (conditional-only ones need guidance on two halves)."""
+        return tuple(lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL)
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
@@ -364,8 +362,7 @@ class FasterDiffusion:
             return
         run.cost = self._cost_model(original_forward, call)
         started = time.perf_counter()
-        levels = tuple(lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL)
-        choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel, levels)
+        choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel, self._cheap_levels())
         run.planning = time.perf_counter() - started
         run.levels = list(choice.levels)
         run.predicted_speedup = round(choice.time_speedup(run.cost), 3)
@@ -494,19 +491,12 @@ class FasterDiffusion:
         if key in self.cost_models:
             return self.cost_models[key]
         started = time.perf_counter()
-        cuda = sample.device.type == "cuda"
         t = call["timestep"]
-        levels = [lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL]
+        levels = self._cheap_levels()
         keep, self._mode.keep_decoder = self._mode.keep_decoder, True  # decoder outputs for the replaying levels
 
         def seconds(level, group):
-            if cuda:
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
-            self._call_unet(original_forward, call, level, [t] * group)
-            if cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter() - begin
+            return _seconds(lambda: self._call_unet(original_forward, call, level, [t] * group), sample.device)
 
         timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
         with torch.no_grad():
@@ -707,17 +697,24 @@ def _model_dir(pipe, unet) -> Path | None:
     return None
 
 
+def _seconds(fn, device) -> float:
+    """Seconds of ``fn()``, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
 def _least_seconds(fn, device, prepare=lambda: None, repeats: int = 3) -> float:
     """The least time of ``fn(prepare())`` over ``repeats`` runs, ``prepare`` untimed, without autograd."""
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             state = prepare()
-            begin = time.perf_counter()
-            fn(state)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
+            times.append(_seconds(lambda: fn(state), device))
     return min(times)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .unet_split import DEEP, DEEP_CFG, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
+from .unet_split import CONDITIONAL_ONLY, DEEP, DEEP_CFG, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
 
 #: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
 #: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled
@@ -94,6 +94,19 @@ def parse_plan(spec) -> AutoPlan | tuple[str, ...]:
     if levels[0] != FULL:
         raise ValueError(f"plan={spec!r}: step 0 must be a full step (every other level reuses an earlier step's features)")
     return levels
+
+
+def check_levels(levels, num_steps: int, guided: bool) -> None:
+    """Fails, naming ``plan``, on explicit levels a run of ``num_steps`` steps cannot take: one level a loop step,
+    and conditional-only levels only with guidance on [unconditional, conditional] rows."""
+    if len(levels) != num_steps:
+        raise ValueError(f"plan={plan_letters(levels)!r} has {len(levels)} levels; the run has {num_steps} steps (one level a "
+                         "loop step: img2img and inpainting run int(num_inference_steps x strength) of them)")
+    unguided = sorted(set(levels) & set(CONDITIONAL_ONLY))
+    if unguided and not guided:
+        raise ValueError(f"plan: levels {unguided} reuse the guidance difference and need classifier-free guidance on "
+                         "[unconditional, conditional] rows (a text-to-image, img2img, inpainting or ControlNet pipeline "
+                         "called with guidance_scale > 1)")
 
 
 def plan_letters(levels) -> str:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from PIL import Image, UnidentifiedImageError
 
 import faster_diffusion
-from faster_diffusion.plan import AutoPlan
+from faster_diffusion.plan import AutoPlan, check_levels
 from faster_diffusion.schedules import is_calibrated
-from faster_diffusion.unet_split import DEEP_CFG
 
 ACCELERATIONS = ["faster-diffusion", "none"]
 # Largest width x height x num_outputs one request may ask for (four 768x768 images);
@@ -50,19 +49,14 @@ class Acceleration:
             return is_calibrated(self.key_steps)
         return isinstance(faster_diffusion.parse_plan(self.plan), AutoPlan)
 
-    def check(self, loop_steps: int, guided: bool = True) -> None:
+    def check(self, loop_steps: int, guided: bool) -> None:
         """Fails, naming the field, on a schedule the run's step count (or its lack of guidance) cannot take."""
         if not self.on:
             return
         if not self.key_steps:
             levels = faster_diffusion.parse_plan(self.plan)  # its errors name `plan`
-            if isinstance(levels, AutoPlan):
-                return
-            if len(levels) != loop_steps:
-                raise ValueError(f"plan: {len(levels)} levels for a run of {loop_steps} steps (one level a step; img2img "
-                                 "and inpainting run int(num_inference_steps x prompt_strength) steps)")
-            if not guided and DEEP_CFG in levels:
-                raise ValueError("plan: C (deep_cfg) steps reuse the guidance difference and need guidance_scale > 1")
+            if not isinstance(levels, AutoPlan):
+                check_levels(levels, loop_steps, guided)  # before sampling: the accelerator checks the same
             return
         if self.plan.strip().lower() != "auto":  # "auto" is the default: the one value that does not conflict
             raise ValueError(f"plan={self.plan!r} and key_steps={self.key_steps!r}: set one of them (key_steps gives "
