@@ -177,7 +177,8 @@ class Predictor(BaseRunner):
             "calibration predicts keeps the images, on this device at this batch size) or 'auto:T' (the most "
             "faithful plan predicted at least T times faster than stock, T > 1). Each step runs the whole UNet, "
             "the decoder on reused encoder features, a shallow path, DeepCache's shallowest one, or that one on the "
-            "prompt's half of the guidance batch alone (the guidance difference reused). Ignored when key_steps is set.",
+            "prompt's half of the guidance batch alone (the guidance difference reused); the last two also with the "
+            "reused features extrapolated from the latest two full steps. Ignored when key_steps is set.",
             default="auto",
         ),
         key_steps: str = Input(

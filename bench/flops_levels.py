@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""FLOPs of one UNet call at each level of reuse (full, encoder, shallow, deep, deep_cfg), relative to a full call.
+"""FLOPs of one UNet call at each level of reuse (full, encoder, shallow, deep, deep_cfg and the forecasting
+ones), relative to a full call.
 
 The levels are the planner's (``faster_diffusion.LEVELS``; ``unet_split.replayed_modules`` says what
 each replays): ``encoder`` is encoder propagation (the decoder on cached encoder features),
@@ -14,7 +15,9 @@ plan="FESD", parallel=False)`` and one ``accel.denoising_run`` of 4 steps, with
 k-th level of the plan (a multiply-add = 2 FLOPs; norms, activations and softmax are not counted).
 Each call has 2 rows (one image with classifier-free guidance). The stock forward is counted too:
 the full level must equal it. A bare UNet has no guidance to reuse, so ``deep_cfg`` is counted as
-what it runs: a deep call on one row (plan ``FD`` on a 1-row sample).
+what it runs: a deep call on one row (plan ``FD`` on a 1-row sample). ``deep_forecast`` and
+``deep_cfg_forecast`` are counted after two full steps (plan ``FFX`` on 2 rows and on 1), where they
+extrapolate: the same multiply-adds as the level they forecast (the extrapolation is elementwise).
 
     python bench/flops_levels.py                         # sd15 512², sdxl 1024², tiny-shapes 64² -> bench/results/flops_levels.json
     python bench/flops_levels.py --models toy --resolution 64 --device cpu --json /tmp/levels.json
@@ -73,6 +76,9 @@ def level_flops(unet, rows: int, resolution: int) -> dict:
         out = {"stock": counter.get_total_flops()}
         out.update(zip(faster_diffusion.parse_plan(PLAN), per_call(PLAN, rows)))
         out["deep_cfg"] = per_call("FD", rows // 2)[1]
+        # the forecasting levels after two full steps, so that they extrapolate (the same work as what they forecast)
+        out["deep_forecast"] = per_call("FFX", rows)[2]
+        out["deep_cfg_forecast"] = per_call("FFX", rows // 2)[2]
     return out
 
 
@@ -92,12 +98,13 @@ def count_model(name: str, config: dict, resolution: int, device: str) -> dict:
     }
     fr = row["fraction_of_full"]
     print(f"[{name} {resolution}²] full {full / 1e9:,.1f} GFLOPs a call (2 rows); encoder {fr['encoder']:.3f}, "
-          f"shallow {fr['shallow']:.3f}, deep {fr['deep']:.3f}, deep_cfg {fr['deep_cfg']:.3f} of full ({row['count_seconds']}s)", flush=True)
+          f"shallow {fr['shallow']:.3f}, deep {fr['deep']:.3f}, deep_cfg {fr['deep_cfg']:.3f}, deep_forecast "
+          f"{fr['deep_forecast']:.3f}, deep_cfg_forecast {fr['deep_cfg_forecast']:.3f} of full ({row['count_seconds']}s)", flush=True)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["model", "size", "full (GFLOPs / call, 2 rows)", "encoder", "shallow", "deep", "deep_cfg"]
+    headers = ["model", "size", "full (GFLOPs / call, 2 rows)", *LEVELS[1:]]
     out = []
     for r in rows:
         fr = r["fraction_of_full"]

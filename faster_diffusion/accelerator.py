@@ -50,6 +50,7 @@ from .unet_split import (
     DECODER_REPLAYING,
     ENCODER,
     ENCODER_HOOK,
+    FORECASTING,
     FULL,
     SUPPORTED_UNETS,
     ModelHook,
@@ -139,6 +140,7 @@ class _Run:
     calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call
     reuses_guidance: bool = False  # the levels have conditional-only steps
     guidance_difference: torch.Tensor | None = None  # of the latest step that ran both rows, for those steps
+    full_guidance: dict = field(default_factory=dict)  # step -> guidance difference, at the latest two lone full steps
     controlnet_passes: int = 0
     cost: CostModel | None = None  # this device's cost model, for plans
     predicted_speedup: float | None = None
@@ -273,6 +275,7 @@ class FasterDiffusion:
         # Resolving the levels here makes a bad spec fail before any sampling step; a calibrated one
         # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
         self._run = _Run(num_steps, self._static_levels(num_steps), timesteps)
+        self._mode.forecast_weights = {}  # set from the run's calibration (none: forecasts extrapolate linearly)
         scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
         saved_step = scheduler.__dict__.get("step") if scheduler is not None else None
         if scheduler is not None:
@@ -361,6 +364,7 @@ class FasterDiffusion:
             run.schedule_source = f"{spec} from {source}{note}"
             return
         run.cost = self._cost_model(original_forward, call)
+        self._mode.forecast_weights = calibration.error_model.forecast_weight
         started = time.perf_counter()
         choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel, self._cheap_levels())
         run.planning = time.perf_counter() - started
@@ -488,24 +492,30 @@ class FasterDiffusion:
         sample = call["sample"]
         # guided: the levels measured (deep_cfg needs guidance) and the call's work around the loop differ
         key = (tuple(sample.shape), str(sample.dtype), str(sample.device), self._guided())
-        if key in self.cost_models:
-            return self.cost_models[key]
+        levels = self._cheap_levels()
+        found = self.cost_models.get(key)
+        if found is not None and set(levels) <= set(found.level):  # (one kept from before a level was added is not)
+            return found
         started = time.perf_counter()
         t = call["timestep"]
-        levels = self._cheap_levels()
         keep, self._mode.keep_decoder = self._mode.keep_decoder, True  # decoder outputs for the replaying levels
 
         def seconds(level, group):
             return _seconds(lambda: self._call_unet(original_forward, call, level, [t] * group), sample.device)
 
         timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
+        forecast = self._forecast_hook()
         with torch.no_grad():
             seconds(FULL, 1)  # warm-up, and the features the other levels replay
+            if forecast is not None:  # two full steps' features to extrapolate from, so that a forecast does its work
+                forecast.history, self._mode.step = [(0, forecast.cache), (1, forecast.cache)], 2
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
             flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
         self._mode.keep_decoder = keep
+        if forecast is not None:
+            forecast.history = []
         least = {k: min(v) for k, v in timings.items()}
         # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
@@ -569,8 +579,13 @@ class FasterDiffusion:
             run.groups = {g[0]: g for g in decoder_groups(run.levels, self.parallel, self.max_parallel)}
             run.reuses_guidance = any(level in CONDITIONAL_ONLY for level in run.levels)
             self._mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
+            self._mode.keep_history = any(level in FORECASTING for level in run.levels)
+            if self._mode.keep_history and not self._mode.forecast_weights:  # an explicit plan: its calibration's weights
+                found = self._find_calibration(self._scheduler_name(), run.timesteps, tuple(call["sample"].shape[2:]))
+                self._mode.forecast_weights = found[0].error_model.forecast_weight if found and found[0].error_model else {}
         i = run.step
         run.step += 1
+        self._mode.step = i
         if i >= len(run.timesteps):
             raise RuntimeError(f"faster_diffusion: UNet called {i + 1} times in a run of {len(run.timesteps)} steps")
 
@@ -587,13 +602,30 @@ class FasterDiffusion:
         run.output_class, noise_pred = type(output), output.sample
         run.calls.append((level, len(steps)))
         if level in CONDITIONAL_ONLY:
-            noise_pred = with_reused_guidance(noise_pred, run.guidance_difference)
+            noise_pred = with_reused_guidance(noise_pred, self._reused_guidance(level))
         chunks = noise_pred.split(call["sample"].shape[0])
         if run.reuses_guidance and level not in CONDITIONAL_ONLY:  # the group's latest step, whose features are kept
             run.guidance_difference = guidance_difference(chunks[-1])
+            if level == FULL and len(steps) == 1:  # a point a forecast may extrapolate from
+                run.full_guidance = dict([*list(run.full_guidance.items())[-1:], (i, run.guidance_difference)])
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
+
+
+    def _reused_guidance(self, level: str) -> torch.Tensor:
+        """The guidance difference a conditional-only step reuses: the latest step's that ran both rows, or at a
+        forecasting level extrapolated like the features, from the full steps the forecast module kept."""
+        run, hook = self._run, self._forecast_hook()
+        coefficient = hook.forecast_coefficient() if level in FORECASTING and hook is not None else None
+        if coefficient is None:
+            return run.guidance_difference
+        (s0, _), (s1, _) = hook.history
+        d0, d1 = run.full_guidance[s0], run.full_guidance[s1]
+        return d1 + coefficient * (d1 - d0)
+
+    def _forecast_hook(self) -> ReplayHook | None:
+        return next((hook for _, hook in self._replay_hooks if hook.forecasts), None)
 
 
 class _UNetHook(ModelHook):

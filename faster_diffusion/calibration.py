@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters, segments
+from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters, segment_gaps, segments
 from .unet_split import (
     CONDITIONAL_ONLY,
+    FORECASTING,
     FULL,
     ModelHook,
     StepMode,
@@ -492,35 +493,70 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {num_steps} steps; plans need one call a step")
     stock = [_guided(o, guidance) for o in outputs]
     levels = [lv for lv in supported_levels(unet, guided=guidance is not None) if lv != FULL]
+    plain = [lv for lv in levels if lv not in FORECASTING]
     # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features (and, at a
     # conditional-only level, full step a's guidance difference)
-    error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in levels}
+    error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in plain}
+    # a forecasting level: at weight 0 it is the level it forecasts, at weight 1 a linear extrapolation from full
+    # steps a - m and a; its output is nearly linear in the weight, so these moments of the error at weight 0 (e)
+    # and of the change to weight 1 (d) give the error at any weight: (mean e^2, mean e.d, mean d^2)
+    moments = {lv: np.full((n, MAX_RUN - 1, MAX_RUN, 3), np.nan) for lv in levels if lv in FORECASTING}
     directions = {}  # step -> the error of the least computed level (deep_cfg where guided) two steps after a full step
     mode = StepMode(keep_decoder=True)
     hooks = add_replay_hooks(unet, mode, RECORDER_HOOK)
+    forecast = next((hook for _, hook in hooks if hook.forecasts), None)
+    kept = {}  # full step -> (the forecast module's output, the guidance difference)
+
+    def run(level, a, j):
+        """The guided output of step j at ``level`` after full step a (j == a: the full step itself)."""
+        call, rows = calls[j], calls[j]["sample"].shape[0]
+        conditional = j > a and level in CONDITIONAL_ONLY
+        if conditional:
+            call, rows = conditional_rows(call, rows), rows // 2
+        mode.active, mode.level, mode.rows, mode.group_size, mode.step = True, FULL if j == a else level, rows, 1, j
+        output = unet(**{**call, "return_dict": False})[0]
+        if j == a:
+            kept[a] = (getattr(forecast, "cache", None), guidance_difference(output) if guidance is not None else None)
+        if conditional:
+            difference = kept[a][1]
+            if level in FORECASTING:  # extrapolated like the features
+                difference = difference + forecast.forecast_coefficient() * (difference - kept[forecast.history[0][0]][1])
+            output = with_reused_guidance(output, difference)
+        return _guided(output, guidance)
+
     try:
         for a in range(n - 1):
-            for level in levels:
+            kept = {s: v for s, v in kept.items() if s >= a - MAX_RUN}
+            replayed = {}  # (level, j) -> output, for the forecasting levels
+            for level in plain:
                 for j in range(a, min(n, a + MAX_RUN)):
-                    call, rows = calls[j], calls[j]["sample"].shape[0]
-                    conditional = j > a and level in CONDITIONAL_ONLY
-                    if conditional:
-                        call, rows = conditional_rows(call, rows), rows // 2
-                    mode.active, mode.level, mode.rows, mode.group_size = True, FULL if j == a else level, rows, 1
-                    output = unet(**{**call, "return_dict": False})[0]
-                    if j == a and guidance is not None:
-                        difference_a = guidance_difference(output)
-                    if conditional:
-                        output = with_reused_guidance(output, difference_a)
+                    output = run(level, a, j)
                     if j > a:
-                        difference = _guided(output, guidance) - stock[j]
+                        difference = output - stock[j]
                         error[level][a, j - a - 1] = float(difference.pow(2).mean())
-                        if level == levels[-1] and (j - a == 2 or j == 1):
+                        replayed[level, j] = output
+                        if level == plain[-1] and (j - a == 2 or j == 1):
                             directions[j] = difference
+            for level in moments:
+                for m in range(1, min(a, MAX_RUN) + 1):
+                    forecast.history = [(a - m, kept[a - m][0]), (a, kept[a][0])]
+                    for j in range(a + 1, min(n, a + MAX_RUN)):
+                        before = replayed[FORECASTING[level], j]
+                        e, d = before - stock[j], run(level, a, j) - before
+                        moments[level][a, j - a - 1, m - 1] = [float((e * e).mean()), float((e * d).mean()), float((d * d).mean())]
+                forecast.history = []
     finally:
         mode.active = False
         for module, _ in hooks:
             remove_hook(module, RECORDER_HOOK)
+    forecast_weight = {}
+    for level, (ee, ed, dd) in ((lv, np.moveaxis(mo, -1, 0)) for lv, mo in moments.items()):
+        # the weight of least error over every full step, per distance m and step k: argmin of ee + 2 w ed + w^2 dd
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = -np.nansum(ed, axis=0) / np.nansum(dd, axis=0)  # (k, m - 1)
+        weight = np.clip(np.nan_to_num(weight, nan=1.0, posinf=1.0, neginf=0.0), 0.0, 2.0)
+        error[level] = np.maximum(ee + 2 * weight * ed + weight**2 * dd, 0.0)
+        forecast_weight[level] = weight.T  # [m - 1, k]
     # 2. sensitivity: the final latent's squared change per squared change of one step's output, several steps
     # a pipeline call (one copy of the prompts each). The change is a small multiple of a real reuse error:
     # later steps wash random noise out, but not an error shaped like the image.
@@ -556,7 +592,15 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
             change = float((latents[k * len(prompts) : (k + 1) * len(prompts)].float() - final.float()).pow(2).mean())
             sensitivity[i] = change / deltas[i] if deltas.get(i) else 0.0
     info = {"guidance_scale": guidance, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1)}
-    return ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info)
+    model = ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info, forecast_weight=forecast_weight)
+    return ErrorModel.from_dict(model.to_dict())  # what its file will hold: a loaded model picks the same plans
+
+
+def uniform_probe(level: str, length: int, n: int) -> list[str]:
+    """A plan of ``n`` steps: a full step every ``length`` steps, ``level`` between. A forecasting level's starts
+    with one more full step, so that every segment of this length has two full steps to extrapolate from."""
+    first = 1 if level in FORECASTING else 0
+    return [FULL] * first + [FULL if i % length == 0 else level for i in range(n - first)]
 
 
 def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_snr_db: float = DEFAULT_PLAN_SNR_DB,
@@ -590,17 +634,20 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
         for level in model.error:
             corrections = model.level_correction[level] = [1.0] * (model.max_run - 1)
             for length in range(2, model.max_run + 1):
-                probe = [FULL if i % length == 0 else level for i in range(n)]
+                probe = uniform_probe(level, length, n)
                 measured, _ = measure(probe)
                 # the probe's segments of this length take what its shorter last segment (corrected) leaves
-                errors = [(m == length, model.segment_error(a, m, level)) for a, m, _ in segments(probe)]
+                errors = [(m == length, model.segment_error(a, m, lv, gap)) for a, m, lv, gap in segment_gaps(segments(probe))]
                 of_length = sum(e for same, e in errors if same)
                 rest = sum(e for same, e in errors if not same)
-                if of_length > 0 and measured > rest:
+                # (where the other segments alone are predicted to err more than the probe measured, the
+                # prediction stays uncorrected, and pessimistic)
+                corrected = of_length > 0 and measured > rest
+                if corrected:
                     corrections[length - 2] = (measured - rest) / of_length
                 predicted = model.predicted_error(probe)
                 tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
-                              "predicted_snr_db": round(model.snr_db(predicted), 2)})
+                              "predicted_snr_db": round(model.snr_db(predicted), 2), "corrected": corrected})
         cost, floor, converged = None, 0.0, False
         least_error = model.signal / 10 ** (min_snr_db / 10)  # the error at the target
         for _ in range(iterations):
@@ -614,7 +661,9 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             if not passed and raw > 0:  # from now on predicted to miss the target
                 floor = max(floor, 1.0001 * least_error / raw)
             if raw > 0 and measured > 0:
-                model.correction = max(measured / raw, floor)
+                # after a miss the correction only rises: a plan one segment from the missed one misses alike, and
+                # lowering the correction again made the picks oscillate between such plans
+                model.correction = max(measured / raw, floor, model.correction if floor else 0.0)
             converged = passed and plan_letters(choose(AutoPlan(), model, cost).levels) == levels
             if converged:
                 break

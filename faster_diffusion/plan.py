@@ -34,20 +34,36 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .unet_split import CONDITIONAL_ONLY, DEEP, DEEP_CFG, ENCODER, FULL, LEVEL_LETTERS, LEVELS, SHALLOW
+from .unet_split import (
+    CONDITIONAL_ONLY,
+    DEEP,
+    DEEP_CFG,
+    DEEP_CFG_FORECAST,
+    DEEP_FORECAST,
+    ENCODER,
+    FORECASTING,
+    FULL,
+    LEVEL_LETTERS,
+    LEVELS,
+    SHALLOW,
+)
 
 #: ``plan="auto"``: the cheapest plan (``CostModel.plan_cost``) whose predicted final-latent
 #: signal-to-error ratio is at least this (dB, after validation's correction). Chosen on the bundled
 #: model (docs/benchmarks.md): at this bar DDIM-50's images stay above 42 dB PSNR from stock's (bench/peers.py:
 #: 42.4 dB on 24 images, 42.6 on 200; the quality harness: 42.3 on its 200; at 33 dB, 43.7 dB at 5% less speed).
-DEFAULT_PLAN_SNR_DB = 31.5
+DEFAULT_PLAN_SNR_DB = 36.0
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
-CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_CFG)  # from most to least computed
+CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)  # from most to least computed
+#: Levels after whose segment a forecasting level has two full steps to extrapolate from (a full step alone, or
+#: followed by steps that leave the forecast module's kept outputs alone); shallow and encoder steps recompute it.
+KEEPS_FORECAST_HISTORY = (FULL, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 ACCEPTED_PLANS = (
     "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
-    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D/C letters "
-    "(full, encoder, shallow, deep, deep_cfg) or a list of level names, starting with a full step"
+    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D/X/C/Y letters "
+    "(full, encoder, shallow, deep, deep_forecast, deep_cfg, deep_cfg_forecast) or a list of level names, "
+    "starting with a full step"
 )
 
 
@@ -134,7 +150,9 @@ def decoder_groups(levels, parallel: bool = True, max_parallel: int | None = Non
 class ErrorModel:
     """Predicted final-latent error of a plan, from a stock run (see the module docstring)."""
 
-    error: dict[str, np.ndarray]  # level -> (steps, MAX_RUN - 1): error of step a + 1 + k on full step a's features
+    # level -> (steps, MAX_RUN - 1): error of step a + 1 + k on full step a's features; a forecasting level's has a
+    # third axis, m - 1: extrapolated from full steps a - m and a
+    error: dict[str, np.ndarray]
     sensitivity: np.ndarray  # (steps,): final-latent squared change per squared change of a step's output
     signal: float  # mean square of the stock final latent
     # measured / predicted final-latent error on outputs (``validate_plan``): per level and segment length
@@ -146,6 +164,9 @@ class ErrorModel:
     correction: float = 1.0
     target_snr_db: float = DEFAULT_PLAN_SNR_DB  # what plan="auto" keeps
     info: dict = field(default_factory=dict)
+    # forecasting level -> (MAX_RUN, MAX_RUN - 1): the weight of the extrapolation at step k + 1 past a full step
+    # m steps after the one before (item [m - 1, k]), fitted by the calibration to the stock outputs
+    forecast_weight: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -155,22 +176,28 @@ class ErrorModel:
     def max_run(self) -> int:
         return next(iter(self.error.values())).shape[1] + 1
 
-    def segment_error(self, start: int, length: int, level: str) -> float:
-        """Error of a full step at ``start`` followed by ``length - 1`` steps at ``level``."""
+    def segment_error(self, start: int, length: int, level: str, gap: int = 0) -> float:
+        """Error of a full step at ``start`` followed by ``length - 1`` steps at ``level``; a forecasting level
+        extrapolates from the full step ``gap`` steps before (0: none, it replays like the level it forecasts)."""
         if length == 1:
             return 0.0
+        if level in FORECASTING and not 0 < gap <= self.max_run:
+            level = FORECASTING[level]
         steps = np.arange(start + 1, start + length)
-        amplitude = np.sqrt(self.sensitivity[steps] * self.error[level][start, : length - 1]).sum()
+        error = self.error[level][start, : length - 1]
+        if error.ndim == 2:
+            error = error[:, gap - 1]
+        amplitude = np.sqrt(self.sensitivity[steps] * error).sum()
         corrections = self.level_correction.get(level)
         return float(amplitude**2) * (1.0 if corrections is None else corrections[length - 2])
 
     def predicted_error(self, levels) -> float:
         """The plan's predicted mean squared final-latent error (``correction`` applied)."""
         total = 0.0
-        for start, length, level in segments(levels):
+        for start, length, level, gap in segment_gaps(segments(levels)):
             if length > self.max_run:
                 return float("inf")
-            total += self.segment_error(start, length, level)
+            total += self.segment_error(start, length, level, gap)
         return self.correction * total
 
     def snr_db(self, error: float) -> float:
@@ -178,12 +205,13 @@ class ErrorModel:
 
     def to_dict(self) -> dict:
         return {
-            "error": {level: [[_significant(x) for x in row] for row in e] for level, e in self.error.items()},
-            "sensitivity": [_significant(x) for x in self.sensitivity],
+            "error": {level: _significant(e) for level, e in self.error.items()},
+            "sensitivity": _significant(self.sensitivity),
             "signal": self.signal,
             "level_correction": self.level_correction,
             "correction": self.correction,
             "target_snr_db": self.target_snr_db,
+            "forecast_weight": {level: np.round(w, 4).tolist() for level, w in self.forecast_weight.items()},
             "info": self.info,
         }
 
@@ -199,13 +227,15 @@ class ErrorModel:
             correction=float(data.get("correction", 1.0)),
             target_snr_db=float(data.get("target_snr_db", DEFAULT_PLAN_SNR_DB)),
             info=data.get("info", {}),
+            forecast_weight={k: np.asarray(w, dtype=np.float64) for k, w in data.get("forecast_weight", {}).items()},
         )
 
     def resampled(self, source_timesteps, timesteps) -> "ErrorModel":
         """This model carried over to a run over other ``timesteps`` of the same sampler (another step count):
         each step reads the source step at its noise level, offsets are mapped by timestep, and a step's
         sensitivity scales with the square of its length in source steps (its output moves the latent that
-        much more). An approximation for a setting nobody calibrated; ``info["resampled_from"]`` says so."""
+        much more). An approximation for a setting nobody calibrated; ``info["resampled_from"]`` says so.
+        Forecasting levels are left out: their fitted weights hold for the calibrated step lengths only."""
         src = np.asarray(source_timesteps, dtype=np.float64)
         order = np.argsort(src)
         position = np.interp(np.asarray(timesteps, dtype=np.float64), src[order], order.astype(np.float64))
@@ -214,6 +244,8 @@ class ErrorModel:
         length = np.diff(position, append=position[-1] + (position[-1] - position[-2] if n > 1 else 1.0))
         error = {}
         for level, e in self.error.items():
+            if level in FORECASTING:
+                continue
             mapped = np.full((n, self.max_run - 1), np.nan)
             for i in range(n):
                 for k in range(self.max_run - 1):
@@ -226,7 +258,8 @@ class ErrorModel:
             error[level] = mapped
         sensitivity = np.interp(position, np.arange(len(src)), self.sensitivity) * np.maximum(length, 1e-3) ** 2
         info = {**self.info, "resampled_from": f"{len(src)} steps"}
-        return replace(self, error=error, sensitivity=sensitivity, level_correction=self._corrections(), info=info)
+        corrections = {level: c for level, c in self._corrections().items() if level not in FORECASTING}
+        return replace(self, error=error, sensitivity=sensitivity, level_correction=corrections, info=info, forecast_weight={})
 
     def sliced(self, start: int, n: int) -> "ErrorModel":
         """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
@@ -246,8 +279,10 @@ def _per_length(correction, lengths: int) -> list[float]:
     return [float(c) for c in correction]
 
 
-def _significant(x: float) -> float | None:
-    """Six significant digits for the JSON file; None for a step beyond the run."""
+def _significant(x):
+    """Six significant digits for the JSON file (nested lists of an array); None for a step beyond the run."""
+    if np.ndim(x):
+        return [_significant(item) for item in x]
     return None if not np.isfinite(x) else float(f"{x:.6g}")
 
 
@@ -264,6 +299,17 @@ def segments(levels) -> list[tuple[int, int, str]]:
             if segment[2] == FULL or CHEAP_LEVELS.index(level) > CHEAP_LEVELS.index(segment[2]):
                 segment[2] = level
     return [tuple(s) for s in found]
+
+
+def segment_gaps(found) -> list[tuple[int, int, str, int]]:
+    """(start, length, level, gap) of each segment: ``gap`` is how many steps before it the full step that a
+    forecasting level extrapolates from ran (the previous segment's length; 0 where it has none)."""
+    gaps, previous = [], None
+    for start, length, level in found:
+        keeps = previous is not None and previous[2] in KEEPS_FORECAST_HISTORY
+        gaps.append((start, length, level, previous[1] if keeps else 0))
+        previous = (start, length, level)
+    return gaps
 
 
 @dataclass
@@ -350,11 +396,12 @@ class Choice:
 def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=None, levels=CHEAP_LEVELS, bins: int = 40) -> list[Choice]:
     """The least-error plan for every predicted cost (its Pareto front: cheaper plans have more error).
 
-    Dynamic programming over segment boundaries with cost in ``1 / bins`` of a full step: exact for the
-    error model up to that rounding, with a plan's cost taken as the sum of its segments' ``plan_cost``
-    (never less than the plan's own); each plan's time and cost are then recomputed exactly. The call's
-    work outside the loop is the same for every plan: segments are costed without it."""
-    n = model.num_steps
+    Dynamic programming over segment boundaries with cost in ``1 / bins`` of a full step, and the length of the
+    latest segment as state (a forecasting level's error depends on it: ``segment_gaps``): exact for the error
+    model up to that rounding, with a plan's cost taken as the sum of its segments' ``plan_cost`` (never less
+    than the plan's own); each plan's time and cost are then recomputed exactly. The call's work outside the
+    loop is the same for every plan: segments are costed without it."""
+    n, gaps = model.num_steps, model.max_run + 1
     unit = cost.full[1] / bins
 
     def loop_cost(plan) -> float:
@@ -364,30 +411,34 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
     levels = [lv for lv in levels if lv in model.error and lv in cost.level]  # what the calibration and device measured
     options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
     spans = [int(round(loop_cost((FULL,) + (lv,) * (m - 1)) / unit)) for m, lv in options]
-    best = np.full((n + 1, horizon + 1), np.inf)
-    best[0, 0] = 0.0
-    back = np.full((n + 1, horizon + 1), -1, dtype=np.int16)  # the option of the last segment ending there
+    # best[end, gap, cost]: the least error of plans of steps 0 .. end - 1 whose last segment is gap steps long
+    # and leaves a forecast history (gap 0: it does not, or there is none yet)
+    best = np.full((n + 1, gaps, horizon + 1), np.inf)
+    best[0, 0, 0] = 0.0
+    back = np.full((n + 1, gaps, horizon + 1, 2), -1, dtype=np.int16)  # (option, gap before) of the last segment
     for start in range(n):
-        if not np.isfinite(best[start]).any():
-            continue
-        for o, ((length, level), span) in enumerate(zip(options, spans)):
-            end = start + length
-            if end > n:
-                continue
-            candidate = np.full(horizon + 1, np.inf)
-            candidate[span:] = best[start, : horizon + 1 - span] + model.segment_error(start, length, level)
-            better = candidate < best[end]
-            best[end, better], back[end, better] = candidate[better], o
+        for gap in np.flatnonzero(np.isfinite(best[start]).any(axis=1)):
+            for o, ((length, level), span) in enumerate(zip(options, spans)):
+                end = start + length
+                if end > n or (level in FORECASTING and gap == 0):  # without a history it is the level it forecasts
+                    continue
+                after = length if level in KEEPS_FORECAST_HISTORY else 0
+                candidate = np.full(horizon + 1, np.inf)
+                candidate[span:] = best[start, gap, : horizon + 1 - span] + model.segment_error(start, length, level, int(gap))
+                better = candidate < best[end, after]
+                best[end, after, better] = candidate[better]
+                back[end, after, better] = (o, gap)
     choices, least = [], np.inf
-    for t in np.flatnonzero(np.isfinite(best[n])):
-        if best[n, t] < least:
-            least = best[n, t]
-            plan, end, tb = [], n, int(t)
+    final = best[n].min(axis=0)
+    for t in np.flatnonzero(np.isfinite(final)):
+        if final[t] < least:
+            least = final[t]
+            plan, end, tb, gap = [], n, int(t), int(np.argmin(best[n, :, t]))
             while end > 0:
-                o = int(back[end, tb])
+                o, before = (int(x) for x in back[end, gap, tb])
                 length, level = options[o]
                 plan[:0] = [FULL] + [level] * (length - 1)
-                end, tb = end - length, tb - spans[o]
+                end, tb, gap = end - length, tb - spans[o], before
             plan = tuple(plan)
             choices.append(Choice(plan, cost.plan_seconds(plan, parallel, max_parallel), model.predicted_error(plan),
                                   cost.plan_cost(plan, parallel, max_parallel)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
@@ -74,13 +74,22 @@ def as_float(timestep) -> float:
 #:     the conditional one less the guidance difference (conditional - unconditional output) of the latest
 #:     step that ran both. Half a deep step's work; nearly free in fidelity, because at a deep step the two
 #:     rows differ mostly through the replayed features, which carry the full step's difference.
+#: ``deep_forecast``, ``deep_cfg_forecast``: ``deep`` and ``deep_cfg`` with the replayed deep features (and the
+#:     guidance difference) extrapolated from the latest two full steps, as TaylorSeer forecasts features:
+#:     ``f1 + c * (f1 - f0)``, with ``c`` the step's distance past the latest full step over the two full steps'
+#:     distance, times a weight fitted per distance by the calibration (``plan.ErrorModel.forecast_weight``).
+#:     The same work as the level they forecast; without two full steps' features (the run's first segment, or
+#:     after a group of encoder-propagated steps) they replay like it.
 FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG = "full", "encoder", "shallow", "deep", "deep_cfg"
-LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG)
-LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "C": DEEP_CFG}
+DEEP_FORECAST, DEEP_CFG_FORECAST = "deep_forecast", "deep_cfg_forecast"
+LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
+LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "X": DEEP_FORECAST, "C": DEEP_CFG, "Y": DEEP_CFG_FORECAST}
 #: Levels whose step reads the current latent only through the shallow path: they replay decoder modules.
-DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_CFG)
+DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 #: Levels that run the conditional rows of a guided batch ([unconditional, conditional]) only.
-CONDITIONAL_ONLY = (DEEP_CFG,)
+CONDITIONAL_ONLY = (DEEP_CFG, DEEP_CFG_FORECAST)
+#: Levels that extrapolate from the latest two full steps, and the level whose work each does.
+FORECASTING = {DEEP_FORECAST: DEEP, DEEP_CFG_FORECAST: DEEP_CFG}
 
 
 @dataclass
@@ -92,18 +101,21 @@ class StepMode:
     rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video); half at a conditional-only level
     group_size: int = 1  # steps whose decoders run in this call
     keep_decoder: bool = False  # whether decoder modules keep their outputs (the run has shallow or deep steps)
+    keep_history: bool = False  # whether the forecast module keeps its outputs of the latest two full steps
+    step: int = 0  # the index of the (first) step of this call
+    # forecasting level -> weight[m - 1, k] of step k + 1 past a full step m steps after the one before (default 1)
+    forecast_weights: dict = field(default_factory=dict)
 
 
-def map_tensors(fn, obj):
-    """Applies ``fn`` to every tensor in nested tuples, lists and dicts."""
+def map_tensors(fn, obj, *others):
+    """Applies ``fn`` to every tensor in nested tuples, lists and dicts (with the tensors at the same place in
+    ``others``, of the same structure, as further arguments)."""
     if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(map_tensors(fn, o) for o in obj)
-    if isinstance(obj, list):
-        return [map_tensors(fn, o) for o in obj]
+        return fn(obj, *others)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(fn, *items) for items in zip(obj, *others))
     if isinstance(obj, dict):
-        return {k: map_tensors(fn, v) for k, v in obj.items()}
+        return {k: map_tensors(fn, v, *(o[k] for o in others)) for k, v in obj.items()}
     return obj
 
 
@@ -141,10 +153,13 @@ class ReplayHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, mode: StepMode, replayed_at: frozenset, shared: bool):
+    def __init__(self, mode: StepMode, replayed_at: frozenset, shared: bool, forecasts: bool = False):
         super().__init__()
         self.mode, self.replayed_at, self.shared = mode, replayed_at, shared
+        # the one module whose replayed output a forecasting step reads (the rest of what it replays goes unread)
+        self.forecasts = forecasts
         self.cache = None
+        self.history = []  # (step, output) at the latest two full steps, when the run forecasts
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.mode
@@ -154,11 +169,11 @@ class ReplayHook(ModelHook):
             raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any step computed the features it reuses")
         if mode.level in CONDITIONAL_ONLY:  # the conditional half of the rows kept; keeps nothing of its own
             if mode.level in self.replayed_at:
-                return last_rows(self.cache, mode.rows, 2 * mode.rows)
+                return last_rows(self._replayed(), mode.rows, 2 * mode.rows)
             return self.fn_ref.original_forward(*args, **kwargs)
         total = mode.rows * mode.group_size
         if mode.level in self.replayed_at:
-            return repeat_batch(self.cache, mode.rows, mode.group_size) if self.shared else self.cache
+            return repeat_batch(self.cache, mode.rows, mode.group_size) if self.shared else self._replayed()
         if self.shared:
             args, kwargs = first_rows((args, kwargs), mode.rows, total)
             self.cache = self.fn_ref.original_forward(*args, **kwargs)
@@ -166,10 +181,33 @@ class ReplayHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if mode.keep_decoder:
             self.cache = last_rows(output, mode.rows, total)
+        if self.forecasts and mode.keep_history:
+            # a full step alone is a point to extrapolate from; a decoder group (or an encoder step) keeps other steps' rows
+            alone = mode.level == FULL and mode.group_size == 1
+            self.history = [*self.history[-1:], (mode.step, self.cache)] if alone else []
         return output
 
+    def forecast_coefficient(self) -> float | None:
+        """c in f1 + c * (f1 - f0) at the current step (at a forecasting level); None without two full steps."""
+        if len(self.history) < 2:
+            return None
+        (s0, _), (s1, _) = self.history
+        m, k = s1 - s0, self.mode.step - s1 - 1
+        weights = self.mode.forecast_weights.get(self.mode.level)
+        known = weights is not None and m <= weights.shape[0] and k < weights.shape[1]
+        return (float(weights[m - 1, k]) if known else 1.0) * (k + 1) / m
+
+    def _replayed(self):
+        """The kept output, or at a forecasting level its extrapolation from the latest two full steps."""
+        if not (self.forecasts and self.mode.level in FORECASTING and self.history):
+            return self.cache
+        c = self.forecast_coefficient()
+        if c is None:
+            return self.history[-1][1]
+        return map_tensors(lambda f1, f0: f1 + c * (f1 - f0), self.history[1][1], self.history[0][1])
+
     def reset_state(self, module):
-        self.cache = None
+        self.cache, self.history = None, []
         return module
 
 
@@ -180,25 +218,42 @@ def replayed_modules(unet) -> dict[torch.nn.Module, tuple[frozenset, bool]]:
     found = {module: ({ENCODER}, True) for module in encoder}
     if isinstance(unet, VIDEO_UNETS):
         return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
+    deep = (DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
     for module in encoder:
         if module is not unet.conv_in:
-            found[module][0].update((DEEP, DEEP_CFG))
+            found[module][0].update(deep)
     for module in encoder[2:]:  # past conv_in and the first down block
         found[module][0].add(SHALLOW)
     for block in unet.up_blocks[:-1]:
-        found[block] = ({SHALLOW, DEEP, DEEP_CFG}, False)
-    last = unet.up_blocks[-1]
-    for layers in (last.resnets, getattr(last, "attentions", None) or []):
-        for layer in list(layers)[:-1]:
-            found[layer] = ({DEEP, DEEP_CFG}, False)
+        found[block] = ({SHALLOW, *deep}, False)
+    for layer in _deep_layers(unet):
+        found[layer] = (set(deep), False)
     return {m: (frozenset(levels), shared) for m, (levels, shared) in found.items()}
+
+
+def _deep_layers(unet) -> list[torch.nn.Module]:
+    """The last up block's layers but its last resnet (and attention), in call order: a deep step replays them."""
+    last = unet.up_blocks[-1]
+    resnets, attentions = list(last.resnets)[:-1], list(getattr(last, "attentions", None) or [])[:-1]
+    if not attentions:
+        return resnets
+    return [layer for pair in zip(resnets, attentions) for layer in pair]
+
+
+def forecast_module(unet) -> torch.nn.Module | None:
+    """The module whose replayed output a deep step's fresh layers read: the last of the deep layers (the last
+    resnet reads it and conv_in's skip connection). None for a UNet without deep levels."""
+    if isinstance(unet, VIDEO_UNETS):
+        return None
+    return _deep_layers(unet)[-1]
 
 
 def add_replay_hooks(unet, mode: StepMode, name: str) -> list[tuple[torch.nn.Module, ReplayHook]]:
     """A ``ReplayHook`` named ``name`` on every module some level replays; returns (module, hook) pairs."""
     hooks = []
+    forecast = forecast_module(unet)
     for module, (replayed_at, shared) in replayed_modules(unet).items():
-        hook = ReplayHook(mode, replayed_at, shared)
+        hook = ReplayHook(mode, replayed_at, shared, forecasts=module is forecast)
         add_hook(module, hook, name)
         hooks.append((module, hook))
     return hooks

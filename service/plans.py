@@ -42,11 +42,12 @@ class CostModelStore:
                 self.models.setdefault(key, CostModel.from_dict(data["model"]))
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 logger.warning("cache: skipping %s: not a cost model (%s)", path, err)
-        self.saved = set(self.models)
+        self.saved = dict(self.models)
 
     def save_new(self) -> None:
+        """Writes the models measured since setup, and those measured again (a cached one lacked a level)."""
         for key, model in list(self.models.items()):
-            if key not in self.saved:
+            if self.saved.get(key) is not model:
                 name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
                 self.cache.put(name, {"key": [list(key[0]), *key[1:]], "model": model.to_dict()})
-                self.saved.add(key)
+                self.saved[key] = model

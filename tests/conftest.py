@@ -29,6 +29,8 @@ import pytest
 import requests
 import torch
 
+from faster_diffusion.unet_split import map_tensors
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-shapes"
 SIZE = 32  # pixels of the tiny pipelines' images: 16x16 latents with the tiny VAE
@@ -83,19 +85,59 @@ def sample(pipe, prompt=PROMPT, steps=12, seed=0, size=SIZE, **kwargs):
     ).images
 
 
+def forecast_coefficients(plan: str) -> list:
+    """Per step of an explicit plan run without a calibration (weight 1), c in f1 + c * (f1 - f0) at its X and Y
+    steps: the distance past the latest full step over the distance between the latest two, where two full steps
+    ran with only deep steps (D, X, C, Y) after them; None elsewhere."""
+    coefficients, full = [], []
+    for i, letter in enumerate(plan):
+        if letter == "F":
+            full = [*full[-1:], i]
+        elif letter in "SE":  # they recompute the forecast module (a group of encoder steps keeps other steps' rows)
+            full = []
+        coefficients.append((i - full[1]) / (full[1] - full[0]) if letter in "XY" and len(full) == 2 else None)
+    return coefficients
+
+
+def features_forecast_at(plan: str):
+    """A forward hook for ``unet_split.forecast_module`` that makes a deep plan's D steps at the X and Y steps of
+    ``plan`` what deep_forecast replays: the module's output extrapolated from the latest two full steps."""
+    coefficients, state = forecast_coefficients(plan), {"step": -1, "full": []}
+
+    def hook(module, args, output):
+        state["step"] += 1
+        i = state["step"]
+        if plan[i] == "F":
+            state["full"] = [*state["full"][-1:], output]
+        c = coefficients[i]
+        if c is None:
+            return output
+        f0, f1 = state["full"]
+        return map_tensors(lambda x1, x0: x1 + c * (x1 - x0), f1, f0)  # an attention layer's output is a tuple
+
+    return hook
+
+
 def guidance_reused_at(plan: str):
     """A forward hook (``register_forward_hook(..., with_kwargs=True)``) that makes a deep plan's D steps what
-    deep_cfg computes: the unconditional output replaced by the conditional one less the latest F step's
-    guidance difference. The reference for deep_cfg (``plan.replace("C", "D")`` with this hook)."""
-    latest = {"step": -1}
+    deep_cfg computes at the C steps of ``plan`` (and deep_cfg_forecast at its Y steps): the unconditional output
+    replaced by the conditional one less the guidance difference of the latest step that ran both rows (at a Y
+    step, extrapolated from the latest two full steps' as ``forecast_coefficients`` says). The reference for
+    deep_cfg (``plan.replace("C", "D")`` with this hook)."""
+    coefficients, state = forecast_coefficients(plan), {"step": -1, "full": []}
 
     def hook(module, args, kwargs, output):
-        latest["step"] += 1
+        state["step"] += 1
+        i = state["step"]
         unconditional, conditional = output[0].chunk(2)  # pipelines call the UNet with return_dict=False
-        if plan[latest["step"]] == "F":
-            latest["difference"] = conditional - unconditional
+        if plan[i] not in "CY":
+            state["latest"] = conditional - unconditional
+            if plan[i] == "F":
+                state["full"] = [*state["full"][-1:], state["latest"]]
             return output
-        return (torch.cat([conditional - latest["difference"], conditional]),)
+        c = coefficients[i]
+        reused = state["latest"] if c is None else state["full"][1] + c * (state["full"][1] - state["full"][0])
+        return (torch.cat([conditional - reused, conditional]),)
 
     return hook
 

@@ -90,6 +90,8 @@ def test_flops_levels_toy(tmp_path):
     fr, g = row["fraction_of_full"], row["gflops_per_call"]
     assert fr["full"] == 1.0 and 1 > fr["encoder"] > fr["shallow"] > fr["deep"] > 0
     assert fr["deep_cfg"] == pytest.approx(fr["deep"] / 2, rel=1e-6)  # the same layers on the conditional row alone
+    # a forecast does the work of the level it forecasts (its extrapolation is elementwise)
+    assert (fr["deep_forecast"], fr["deep_cfg_forecast"]) == (fr["deep"], fr["deep_cfg"])
     unet = flops.build_meta_unet(common.load_unet_config("toy"), device="cpu")
     with flops.one_thread():
         stock = flops.count_stock_forward(unet, 2, 64)

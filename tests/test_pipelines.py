@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
-from conftest import difference, guidance_reused_at
+from conftest import difference, features_forecast_at, guidance_reused_at
 from tiny_pipelines import (
     SD_SCHEDULER,
     tiny_controlnet_sd,
@@ -20,6 +20,7 @@ from tiny_pipelines import (
 )
 
 import faster_diffusion
+from faster_diffusion.unet_split import LEVEL_LETTERS, forecast_module
 
 SIZE = 32
 IMAGE = Image.fromarray((np.random.RandomState(0).rand(SIZE, SIZE, 3) * 255).astype("uint8"))
@@ -105,28 +106,32 @@ def test_inpainting_unet_takes_nine_channels():
     assert accel.stats["encoder_passes"] == 2
 
 
+@pytest.mark.parametrize("letter", ["C", "Y"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_deep_cfg_steps_in_every_pipeline_family(case):
+def test_deep_cfg_steps_in_every_pipeline_family(case, letter):
     """A deep_cfg step runs the prompt's rows alone (SDXL's added conditions, ControlNet residuals and the
     inpainting channels sliced with them) and equals a deep step whose unconditional output is replaced by
-    the conditional one less the latest full step's guidance difference."""
+    the conditional one less the latest full step's guidance difference. A deep_cfg_forecast step (Y) is that
+    with the deep features and the guidance difference extrapolated from the latest two full steps."""
     make, kwargs, loop_steps = CASES[case]
     pipe = make()
     pipe.set_progress_bar_config(disable=True)
-    plan = "".join("F" if i % 4 == 0 else "C" for i in range(loop_steps))
+    plan = "".join("F" if i % 4 == 0 else letter for i in range(loop_steps))
     def run():
         return pipe(
             "a red square in the center", num_inference_steps=20, height=SIZE, width=SIZE, guidance_scale=7.5,
             generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs,
         ).images
 
-    faster_diffusion.enable(pipe, plan=plan.replace("C", "D"))
-    handle = pipe.unet.register_forward_hook(guidance_reused_at(plan), with_kwargs=True)
+    faster_diffusion.enable(pipe, plan=plan.replace(letter, "D"))
+    handles = [pipe.unet.register_forward_hook(guidance_reused_at(plan), with_kwargs=True),
+               forecast_module(pipe.unet).register_forward_hook(features_forecast_at(plan))]
     try:
         expected = run()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     accel = faster_diffusion.enable(pipe, plan=plan)
     assert difference(run(), expected) < 1e-4
-    assert accel.stats["levels"] == {"full": plan.count("F"), "deep_cfg": plan.count("C")}
+    assert accel.stats["levels"] == {"full": plan.count("F"), LEVEL_LETTERS[letter]: plan.count(letter)}
     faster_diffusion.disable(pipe)

@@ -6,14 +6,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, difference, guidance_reused_at, sample
+from conftest import SIZE, difference, features_forecast_at, guidance_reused_at, sample
 from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPAGPipeline
 from PIL import Image
 from tiny_pipelines import tiny_sd
 
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segments
-from faster_diffusion.unet_split import DEEP, DEEP_CFG, ENCODER, FULL, SHALLOW
+from faster_diffusion.calibration import uniform_probe
+from faster_diffusion.unet_split import forecast_module
+from faster_diffusion.unet_split import CONDITIONAL_ONLY, DEEP, DEEP_CFG, DEEP_CFG_FORECAST, DEEP_FORECAST, ENCODER, FULL, SHALLOW
 
 STEPS = 12
 
@@ -126,7 +128,7 @@ def test_a_deep_cfg_step_is_a_deep_step_with_the_full_step_s_guidance_difference
     plan = "FDDDFDDFDDDD"
     faster_diffusion.enable(pipe, plan=plan)
     deep = sample(pipe, steps=STEPS, guidance_scale=7.5)
-    handle = pipe.unet.register_forward_hook(guidance_reused_at(plan), with_kwargs=True)
+    handle = pipe.unet.register_forward_hook(guidance_reused_at(plan.replace("D", "C")), with_kwargs=True)
     try:
         expected = sample(pipe, steps=STEPS, guidance_scale=7.5)
     finally:
@@ -142,6 +144,54 @@ def test_a_deep_cfg_step_is_a_deep_step_with_the_full_step_s_guidance_difference
     sample(pipe, steps=STEPS)
     flops = guided_cost_model(accel, pipe).flops
     assert flops[DEEP_CFG] == pytest.approx(flops[DEEP] / 2, rel=0.01)
+
+
+def test_a_forecast_step_extrapolates_the_latest_two_full_steps(pipe):
+    """deep_forecast is a deep step whose replayed deep features are extrapolated from the latest two full steps
+    (here with a forward hook on a deep plan); without two (the first segment, after shallow steps) it is deep.
+    deep_cfg_forecast extrapolates the guidance difference too."""
+    plan = "FFXXXFXXFSXX"  # m = 1, then 4; a shallow step recomputes what a forecast extrapolates
+    deep = plan.replace("X", "D")
+    module = forecast_module(pipe.unet)
+    faster_diffusion.enable(pipe, plan=deep)
+    replayed = sample(pipe, steps=STEPS)
+    handle = module.register_forward_hook(features_forecast_at(plan))
+    try:
+        expected = sample(pipe, steps=STEPS)
+    finally:
+        handle.remove()
+    accel = faster_diffusion.enable(pipe, plan=plan)
+    ours = sample(pipe, steps=STEPS)
+    assert difference(ours, expected) < 1e-5 and difference(ours, replayed) > 1e-3
+    assert accel.stats["levels"] == {FULL: 4, DEEP_FORECAST: 7, SHALLOW: 1}
+    conditional = plan.replace("X", "Y")
+    hooks = [module.register_forward_hook(features_forecast_at(conditional)),
+             pipe.unet.register_forward_hook(guidance_reused_at(conditional), with_kwargs=True)]
+    faster_diffusion.enable(pipe, plan=deep)
+    try:
+        expected = sample(pipe, steps=STEPS)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    faster_diffusion.enable(pipe, plan=conditional)
+    assert difference(sample(pipe, steps=STEPS), expected) < 1e-4
+
+
+def test_forecasts_use_their_calibration_s_weights(pipe):
+    """A forecast's weight at distance m and step k comes from the run's calibration, fitted to the stock
+    outputs: a zero weight replays like the level it forecasts, a larger one moves further."""
+    calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
+    weights = calibration.error_model.forecast_weight
+    assert all(((0 <= w) & (w <= 2)).all() for w in weights.values()) and len({float(w.std()) for w in weights.values()}) == 2
+    plan = "FFXXXFXXFXXX"
+    runs = {}
+    for scale in (0.0, 1.0, 2.0):
+        calibration.error_model.forecast_weight = {level: w * scale for level, w in weights.items()}
+        faster_diffusion.enable(pipe, plan=plan, calibration=calibration)
+        runs[scale] = sample(pipe, steps=STEPS)
+    faster_diffusion.enable(pipe, plan=plan.replace("X", "D"))
+    assert torch.equal(runs[0.0], sample(pipe, steps=STEPS))
+    assert 1e-4 < difference(runs[1.0], runs[0.0]) < difference(runs[2.0], runs[0.0])
 
 
 def test_deep_cfg_needs_classifier_free_guidance(pipe):
@@ -169,12 +219,25 @@ def test_guided_and_unguided_runs_of_one_shape_measure_their_own_cost_models(pip
     calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
     sample(pipe, steps=STEPS, guidance_scale=1.0, num_images_per_prompt=2)  # auto leaves deep_cfg out unguided
-    assert DEEP_CFG not in accel.stats["levels"]
+    assert not set(CONDITIONAL_ONLY) & set(accel.stats["levels"])
     sample(pipe, steps=STEPS)
-    assert DEEP_CFG in accel.stats["levels"]
+    assert set(CONDITIONAL_ONLY) & set(accel.stats["levels"])
     shape = (2, pipe.unet.config.in_channels, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
     unguided, guided = (accel.cost_models[(shape, "torch.float32", "cpu", g)] for g in (False, True))
-    assert DEEP_CFG in guided.level and DEEP_CFG not in unguided.level
+    assert set(CONDITIONAL_ONLY) <= set(guided.level) and not set(CONDITIONAL_ONLY) & set(unguided.level)
+
+
+def test_a_cost_model_without_a_level_the_run_can_take_is_measured_again(pipe):
+    """A cost model kept from before a level existed (a service's cache) would hide that level from the planner."""
+    calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
+    sample(pipe, steps=STEPS)
+    cost = guided_cost_model(accel, pipe)
+    key = next(k for k, v in accel.cost_models.items() if v is cost)
+    older = replace(cost, level={lv: t for lv, t in cost.level.items() if lv not in (DEEP_FORECAST, DEEP_CFG_FORECAST)})
+    accel.cost_models[key] = older
+    sample(pipe, steps=STEPS)
+    assert accel.cost_models[key] is not older and {DEEP_FORECAST, DEEP_CFG_FORECAST} <= set(accel.cost_models[key].level)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +246,7 @@ def test_guided_and_unguided_runs_of_one_shape_measure_their_own_cost_models(pip
         (dict(plan="auto:0.5"), r"plan='auto:0.5': T in 'auto:T' must be a number > 1"),
         (dict(plan="auto:x"), r"plan='auto:x': T in 'auto:T' must be a number > 1"),
         (dict(plan="auto:1"), r"must be a number > 1"),
-        (dict(plan="FDXD"), r"plan='FDXD' is not a plan; accepted: 'auto'.*F/E/S/D/C letters"),
+        (dict(plan="FDZD"), r"plan='FDZD' is not a plan; accepted: 'auto'.*F/E/S/D/X/C/Y letters"),
         (dict(plan="DDFF"), r"step 0 must be a full step"),
         (dict(plan=["full", "warp"]), r"unknown levels \['warp'\]"),
         (dict(plan="auto", key_steps="paper"), r"plan='auto' and key_steps='paper': give one of them, not both"),
@@ -202,25 +265,32 @@ def test_a_plan_of_the_wrong_length_fails_before_any_step(pipe):
         sample(pipe, steps=STEPS)
 
 
-def random_models(n, seed):
+def random_models(n, seed, forecast=False):
     rng = np.random.default_rng(seed)
     growth = np.arange(1, 8)[None, :] ** 2
     error = {lv: rng.uniform(0.5, 2, (n, 7)) * growth * scale for lv, scale in ((ENCODER, 0.5), (SHALLOW, 0.8), (DEEP, 1.0))}
+    level = {ENCODER: 0.7, SHALLOW: 0.4, DEEP: 0.15}
+    if forecast:  # better or worse than deep by distance to the full step before; none before step 1
+        error[DEEP_FORECAST] = error[DEEP][:, :, None] * rng.uniform(0.05, 3, (n, 7, 8))
+        np.moveaxis(error[DEEP_FORECAST], 2, 1)[np.arange(n)[:, None] < np.arange(1, 9)[None, :]] = np.nan  # [a, m - 1]
+        level[DEEP_FORECAST] = 0.16
     model = ErrorModel(error, rng.uniform(0.1, 1, n), signal=100.0)
-    cost = CostModel(full={1: 1.0, 2: 1.3, 4: 1.9, 8: 3.1}, level={ENCODER: 0.7, SHALLOW: 0.4, DEEP: 0.15}, step_overhead=0.05)
+    cost = CostModel(full={1: 1.0, 2: 1.3, 4: 1.9, 8: 3.1}, level=level, step_overhead=0.05)
     return model, cost
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_frontier_is_the_exact_least_error_plan_for_each_time(seed):
+    """Exact also with a forecasting level, whose error depends on the segment before (here, half the seeds)."""
     n = 7
-    model, cost = random_models(n, seed)
-    plans = [(FULL,) + rest for rest in itertools.product((FULL, ENCODER, SHALLOW, DEEP), repeat=n - 1)]
+    model, cost = random_models(n, seed, forecast=seed > 0)
+    plans = [(FULL,) + rest for rest in itertools.product((FULL, *model.error), repeat=n - 1)]
     homogeneous = [p for p in plans if all(len({lv for lv in p[s : s + m] if lv != FULL} - {FULL}) <= 1
                                            for s, m, _ in segments(p))]
     scored = [(cost.plan_seconds(p), model.predicted_error(p), p) for p in homogeneous]
     found = frontier(model, cost, bins=1000)
     assert found and all(a.cost < b.cost and a.error > b.error for a, b in zip(found, found[1:]))
+    assert any(DEEP_FORECAST in choice.levels for choice in found) == (DEEP_FORECAST in model.error)
     for choice in found:
         best = min(e for s, e, _ in scored if s <= choice.seconds + 1e-9)
         assert choice.error == pytest.approx(best, rel=1e-9, abs=1e-12)
@@ -296,22 +366,32 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     prompts = ["a red square", "a blue circle"]
     calibration = faster_diffusion.calibrate(pipe, prompts, STEPS, seeds=[3, 4], plans=True, height=SIZE, width=SIZE)
     model = calibration.error_model
-    assert set(model.error) == {ENCODER, SHALLOW, DEEP, DEEP_CFG} and model.error[DEEP].shape == (STEPS, 7)
+    cheap = {ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST}
+    assert set(model.error) == cheap and model.error[DEEP].shape == (STEPS, 7)
     assert np.isnan(model.error[DEEP][STEPS - 1]).all() and (model.error[DEEP][0] > 0).all()
+    # a forecast's error per distance m to the full step before: none from step 0, which has no full step before it
+    assert model.error[DEEP_FORECAST].shape == (STEPS, 7, 8) and np.isnan(model.error[DEEP_FORECAST][0]).all()
+    assert (model.error[DEEP_FORECAST][3, :, :3] >= 0).all() and np.isnan(model.error[DEEP_FORECAST][3, :, 3:]).all()
+    assert set(model.forecast_weight) == {DEEP_FORECAST, DEEP_CFG_FORECAST} and model.forecast_weight[DEEP_FORECAST].shape == (8, 7)
     assert (model.sensitivity[1:] > 0).all() and model.signal > 0
     plan, report = faster_diffusion.validate_plan(pipe, calibration, height=SIZE, width=SIZE)
-    assert set(report["level_correction"]) == {ENCODER, SHALLOW, DEEP, DEEP_CFG} and report["correction"] > 0
-    # a correction per segment length: each uniform probe's prediction (before the overall correction) is
-    # what its outputs measured
-    for level in (ENCODER, SHALLOW, DEEP, DEEP_CFG):
+    assert set(report["level_correction"]) == cheap and report["correction"] > 0
+    # a correction per segment length: each uniform probe's prediction (before the overall correction) is what
+    # its outputs measured
+    for level in cheap:
         for length in range(2, model.max_run + 1):
-            probe = plan_letters([FULL if i % length == 0 else level for i in range(STEPS)])
-            measured = next(t["snr_db"] for t in report["tried"] if t["plan"] == probe)  # the probe's, first
-            assert model.snr_db(model.predicted_error(probe) / model.correction) == pytest.approx(measured, abs=0.02)
+            probe = plan_letters(uniform_probe(level, length, STEPS))
+            assert probe.startswith("FF" if level in (DEEP_FORECAST, DEEP_CFG_FORECAST) else "F" + plan_letters([level]))
+            tried = next(t for t in report["tried"] if t["plan"] == probe)  # the probe's, first
+            assert tried["corrected"]
+            assert model.snr_db(model.predicted_error(probe) / model.correction) == pytest.approx(tried["snr_db"], abs=0.02)
     path = calibration.save(tmp_path / "DDIM.json")
     loaded = faster_diffusion.Calibration.load(path)
     np.testing.assert_allclose(loaded.error_model.sensitivity, model.sensitivity, rtol=1e-5)
     np.testing.assert_allclose(loaded.error_model.error[DEEP], model.error[DEEP], rtol=1e-5)
+    np.testing.assert_allclose(loaded.error_model.error[DEEP_CFG_FORECAST], model.error[DEEP_CFG_FORECAST], rtol=1e-5)
+    for level, weight in model.forecast_weight.items():
+        np.testing.assert_allclose(loaded.error_model.forecast_weight[level], weight, atol=1e-4)
     for level, corrections in model.level_correction.items():
         np.testing.assert_allclose(loaded.error_model.level_correction[level], corrections, rtol=1e-9)
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=path)

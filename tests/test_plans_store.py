@@ -46,3 +46,16 @@ def test_cost_model_round_trip():
     del older["call_overhead"]  # measured before speed-ups were of the whole call: measured again, not reused
     with pytest.raises(KeyError, match="call_overhead"):
         CostModel.from_dict(older)
+
+
+def test_a_cost_model_measured_again_is_saved_again():
+    """A run measures again a cached model that lacks a level it can take (one cached before the level existed);
+    the store writes the new one over the old."""
+    store = CostModelStore(tiny_unet(), "weights-c", "cpu")
+    store.models[KEY] = cost_model()
+    store.save_new()
+    again = cost_model()
+    again.level["deep_forecast"] = 0.003
+    store.models[KEY] = again
+    store.save_new()
+    assert CostModelStore(tiny_unet(), "weights-c", "cpu").models[KEY] == again
