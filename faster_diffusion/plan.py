@@ -417,14 +417,18 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
     best[0, 0, 0] = 0.0
     back = np.full((n + 1, gaps, horizon + 1, 2), -1, dtype=np.int16)  # (option, gap before) of the last segment
     for start in range(n):
+        # a segment's error depends on the gap only at a forecasting level
+        plain = {o: model.segment_error(start, length, level) for o, (length, level) in enumerate(options)
+                 if start + length <= n and level not in FORECASTING}
         for gap in np.flatnonzero(np.isfinite(best[start]).any(axis=1)):
             for o, ((length, level), span) in enumerate(zip(options, spans)):
                 end = start + length
                 if end > n or (level in FORECASTING and gap == 0):  # without a history it is the level it forecasts
                     continue
                 after = length if level in KEEPS_FORECAST_HISTORY else 0
+                error = plain[o] if o in plain else model.segment_error(start, length, level, int(gap))
                 candidate = np.full(horizon + 1, np.inf)
-                candidate[span:] = best[start, gap, : horizon + 1 - span] + model.segment_error(start, length, level, int(gap))
+                candidate[span:] = best[start, gap, : horizon + 1 - span] + error
                 better = candidate < best[end, after]
                 best[end, after, better] = candidate[better]
                 back[end, after, better] = (o, gap)

@@ -6,13 +6,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, difference, features_forecast_at, guidance_reused_at, sample
+from conftest import BUNDLED, SIZE, difference, features_forecast_at, guidance_reused_at, sample
 from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPAGPipeline
 from PIL import Image
 from tiny_pipelines import tiny_sd
 
 import faster_diffusion
-from faster_diffusion.plan import AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segments
+from faster_diffusion.plan import CHEAP_LEVELS, DEFAULT_PLAN_SNR_DB, AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segments
 from faster_diffusion.calibration import uniform_probe
 from faster_diffusion.unet_split import forecast_module
 from faster_diffusion.unet_split import CONDITIONAL_ONLY, DEEP, DEEP_CFG, DEEP_CFG_FORECAST, DEEP_FORECAST, ENCODER, FULL, SHALLOW
@@ -405,3 +405,14 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     part = loaded.for_run("DDIMScheduler", loaded.timesteps[4:], loaded.latent_size)
     assert part.error_model.num_steps == STEPS - 4
     np.testing.assert_array_equal(part.error_model.error[DEEP], loaded.error_model.error[DEEP][4:])
+
+
+@pytest.mark.parametrize("name", ["DDIM-50steps-8x8", "DPMSolverMultistep-20steps-8x8"])
+def test_the_bundled_error_models_were_validated_for_auto(name):
+    """The shipped error models have every level, and their validation ended on a pick that met the default
+    target on the calibration prompts and that the corrected model picks again (converged)."""
+    model = faster_diffusion.Calibration.load(BUNDLED / "calibration" / f"{name}.json").error_model
+    report = model.info["validation"]
+    assert set(model.error) == set(CHEAP_LEVELS) and model.target_snr_db == DEFAULT_PLAN_SNR_DB
+    assert report["converged"] and report["tried"][-1]["plan"] == report["plan"]
+    assert report["tried"][-1]["snr_db"] >= DEFAULT_PLAN_SNR_DB
