@@ -106,12 +106,12 @@ else
     OPT=(--compile blocks --compile-dynamic true --channels-last --samplers ddim:50 --batch 1)
     FLOPS=(--models sd15 --schedules paper)
     # 12 methods x (4 prompts x 2 repeats + 1 warm-up + 1 FLOP-counted) calls of ~1 s (stock) or less (~2 min);
-    # fitting the planner's error model on 2 captions (~1500 UNet calls of 4 rows or 2 (deep_cfg), 3 runs of
-    # 40 images) and validating it (28 uniform probes and the auto picks, runs of 2 images) ~2 min; 1 call that
-    # calibrates fd:auto's schedule; start-up ~30 s
+    # fitting the planner's error model on 2 captions (~7000 UNet calls of 4 rows or 2 (deep_cfg), most of them
+    # deep steps from the forecasting levels' distances, 3 runs of 40 images) and validating it (42 uniform probes
+    # and the auto picks, runs of 2 images) ~3 min; 1 call that calibrates fd:auto's schedule; start-up ~30 s
     PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1
            --calibration-prompts 2)
-    T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=360
+    T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=420
 fi
 PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:uniform:3,fd:auto,plan:auto,plan:auto:2,plan:auto:3,plan:auto:4
 
