@@ -498,7 +498,10 @@ class FasterDiffusion:
             return found
         started = time.perf_counter()
         t = call["timestep"]
-        keep, self._mode.keep_decoder = self._mode.keep_decoder, True  # decoder outputs for the replaying levels
+        # decoder outputs for the replaying levels, and no history kept (the fake one below stays; a previous run's
+        # setting would have the group calls clear it and time the forecasts as plain replays)
+        keep = self._mode.keep_decoder, self._mode.keep_history
+        self._mode.keep_decoder, self._mode.keep_history = True, False
 
         def seconds(level, group):
             return _seconds(lambda: self._call_unet(original_forward, call, level, [t] * group), sample.device)
@@ -513,7 +516,7 @@ class FasterDiffusion:
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
             flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
-        self._mode.keep_decoder = keep
+        self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
             forecast.history = []
         least = {k: min(v) for k, v in timings.items()}

@@ -35,7 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plan import DEFAULT_PLAN_SNR_DB, MAX_RUN, AutoPlan, ErrorModel, choose, plan_letters, segment_gaps, segments
+from .plan import (
+    CHEAP_LEVELS,
+    DEFAULT_PLAN_SNR_DB,
+    FORECAST_MARGIN_DB,
+    MAX_RUN,
+    AutoPlan,
+    ErrorModel,
+    choose,
+    plan_letters,
+    segment_gaps,
+)
 from .unet_split import (
     CONDITIONAL_ONLY,
     FORECASTING,
@@ -612,7 +622,8 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     Then it runs the plan ``auto`` picks on this device, sets ``correction`` to measured / predicted and
     picks again, until the pick no longer changes and its measured signal-to-error ratio is at least
     ``min_snr_db``; a plan measured below it stays predicted below it (``report["converged"]`` says whether
-    the last pick was measured and met it). ``prompts`` / ``seeds`` default to the calibration's. Returns
+    the last pick was measured and met it). With forecasting levels, the same first for the plans without
+    them at ``min_snr_db - FORECAST_MARGIN_DB``: ``plain_correction``, for a model that drops them. ``prompts`` / ``seeds`` default to the calibration's. Returns
     ``(plan letters, report)``."""
     model = calibration.error_model
     if model is None:
@@ -637,7 +648,7 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                 probe = uniform_probe(level, length, n)
                 measured, _ = measure(probe)
                 # the probe's segments of this length take what its shorter last segment (corrected) leaves
-                errors = [(m == length, model.segment_error(a, m, lv, gap)) for a, m, lv, gap in segment_gaps(segments(probe))]
+                errors = [(m == length, model.segment_error(a, m, lv, gap)) for a, m, lv, gap in segment_gaps(probe)]
                 of_length = sum(e for same, e in errors if same)
                 rest = sum(e for same, e in errors if not same)
                 # (where the other segments alone are predicted to err more than the probe measured, the
@@ -648,28 +659,41 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                 predicted = model.predicted_error(probe)
                 tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
                               "predicted_snr_db": round(model.snr_db(predicted), 2), "corrected": corrected})
-        cost, floor, converged = None, 0.0, False
-        least_error = model.signal / 10 ** (min_snr_db / 10)  # the error at the target
-        for _ in range(iterations):
-            measured, accel = measure("auto")
-            cost = cost or next(iter(accel.cost_models.values()))
-            levels = accel.stats["plan"]
-            predicted = model.predicted_error(levels)
-            raw = predicted / model.correction
-            passed = model.snr_db(measured) >= min_snr_db
-            tried.append({"plan": levels, "snr_db": round(model.snr_db(measured), 2), "predicted_snr_db": round(model.snr_db(predicted), 2)})
-            if not passed and raw > 0:  # from now on predicted to miss the target
-                floor = max(floor, 1.0001 * least_error / raw)
-            if raw > 0 and measured > 0:
-                # after a miss the correction only rises: a plan one segment from the missed one misses alike, and
-                # lowering the correction again made the picks oscillate between such plans
-                model.correction = max(measured / raw, floor, model.correction if floor else 0.0)
-            converged = passed and plan_letters(choose(AutoPlan(), model, cost).levels) == levels
-            if converged:
-                break
+        _, accel = measure("auto")  # this device's cost model, measured by the planner's first call
+        cost = next(iter(accel.cost_models.values()))
+
+        def settle(levels, target: float) -> bool:
+            """Scales ``model.correction`` until the plan auto picks among ``levels`` measures at least ``target``
+            and is picked again; a plan measured below it stays predicted below it. Returns whether it settled."""
+            model.target_snr_db, floor = target, 0.0
+            least_error = model.signal / 10 ** (target / 10)  # the error at the target
+            for _ in range(iterations):
+                pick = choose(AutoPlan(), model, cost, levels=levels).levels
+                measured, _ = measure(pick)
+                predicted = model.predicted_error(pick)
+                raw = predicted / model.correction
+                passed = model.snr_db(measured) >= target
+                tried.append({"plan": plan_letters(pick), "snr_db": round(model.snr_db(measured), 2),
+                              "predicted_snr_db": round(model.snr_db(predicted), 2)})
+                if not passed and raw > 0:  # from now on predicted to miss the target
+                    floor = max(floor, 1.0001 * least_error / raw)
+                if raw > 0 and measured > 0:
+                    # after a miss the correction only rises: a plan one segment from the missed one misses alike,
+                    # and lowering the correction again made the picks oscillate between such plans
+                    model.correction = max(measured / raw, floor, model.correction if floor else 0.0)
+                if passed and choose(AutoPlan(), model, cost, levels=levels).levels == pick:
+                    return True
+            return False
+
+        plain_converged = None
+        if any(level in FORECASTING for level in model.error):  # what a model without them (resampled) is corrected by
+            plain_converged = settle([lv for lv in CHEAP_LEVELS if lv not in FORECASTING], min_snr_db - FORECAST_MARGIN_DB)
+            model.plain_correction, model.correction = model.correction, 1.0
+        converged = settle(CHEAP_LEVELS, min_snr_db)
     plan = plan_letters(choose(AutoPlan(), model, cost).levels)  # what auto picks from now on
     corrections = {level: [round(c, 4) for c in by_length] for level, by_length in model.level_correction.items()}
-    report = {"min_snr_db": min_snr_db, "level_correction": corrections, "correction": model.correction, "tried": tried,
+    report = {"min_snr_db": min_snr_db, "level_correction": corrections, "correction": model.correction,
+              "plain_correction": model.plain_correction, "plain_converged": plain_converged, "tried": tried,
               "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1),
               "prompts": list(prompts), "seeds": seeds}  # fmt: skip
     model.info["validation"] = report

@@ -53,6 +53,10 @@ from .unet_split import (
 #: model (docs/benchmarks.md): at this bar DDIM-50's images stay above 42 dB PSNR from stock's (bench/peers.py:
 #: 42.4 dB on 24 images, 42.6 on 200; the quality harness: 42.3 on its 200; at 33 dB, 43.7 dB at 5% less speed).
 DEFAULT_PLAN_SNR_DB = 36.0
+#: Plans without the forecasting levels keep this much less final-latent SNR for the same images (forecast errors
+#: cost more image PSNR per dB): 31.5 dB kept DDIM-50's plans of full, deep and deep_cfg steps at 42.1-42.6 dB
+#: (8b2c1b9). A model that drops the forecasting levels (``ErrorModel.resampled``) targets it.
+FORECAST_MARGIN_DB = 4.5
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
 CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)  # from most to least computed
@@ -167,6 +171,9 @@ class ErrorModel:
     # forecasting level -> (MAX_RUN, MAX_RUN - 1): the weight of the extrapolation at step k + 1 past a full step
     # m steps after the one before (item [m - 1, k]), fitted by the calibration to the stock outputs
     forecast_weight: dict[str, np.ndarray] = field(default_factory=dict)
+    # the overall correction that validation found for plans without the forecasting levels (at target_snr_db -
+    # FORECAST_MARGIN_DB); None: the same as ``correction``
+    plain_correction: float | None = None
 
     @property
     def num_steps(self) -> int:
@@ -181,8 +188,8 @@ class ErrorModel:
         extrapolates from the full step ``gap`` steps before (0: none, it replays like the level it forecasts)."""
         if length == 1:
             return 0.0
-        if level in FORECASTING and not 0 < gap <= self.max_run:
-            level = FORECASTING[level]
+        if level in FORECASTING and (level not in self.error or not 0 < gap <= self.max_run):
+            level = FORECASTING[level]  # it replays like the level it forecasts (a model without it: the same guess)
         steps = np.arange(start + 1, start + length)
         error = self.error[level][start, : length - 1]
         if error.ndim == 2:
@@ -194,7 +201,7 @@ class ErrorModel:
     def predicted_error(self, levels) -> float:
         """The plan's predicted mean squared final-latent error (``correction`` applied)."""
         total = 0.0
-        for start, length, level, gap in segment_gaps(segments(levels)):
+        for start, length, level, gap in segment_gaps(levels):
             if length > self.max_run:
                 return float("inf")
             total += self.segment_error(start, length, level, gap)
@@ -212,6 +219,7 @@ class ErrorModel:
             "correction": self.correction,
             "target_snr_db": self.target_snr_db,
             "forecast_weight": {level: np.round(w, 4).tolist() for level, w in self.forecast_weight.items()},
+            "plain_correction": self.plain_correction,
             "info": self.info,
         }
 
@@ -228,6 +236,7 @@ class ErrorModel:
             target_snr_db=float(data.get("target_snr_db", DEFAULT_PLAN_SNR_DB)),
             info=data.get("info", {}),
             forecast_weight={k: np.asarray(w, dtype=np.float64) for k, w in data.get("forecast_weight", {}).items()},
+            plain_correction=data.get("plain_correction"),
         )
 
     def resampled(self, source_timesteps, timesteps) -> "ErrorModel":
@@ -235,7 +244,9 @@ class ErrorModel:
         each step reads the source step at its noise level, offsets are mapped by timestep, and a step's
         sensitivity scales with the square of its length in source steps (its output moves the latent that
         much more). An approximation for a setting nobody calibrated; ``info["resampled_from"]`` says so.
-        Forecasting levels are left out: their fitted weights hold for the calibrated step lengths only."""
+        Forecasting levels are left out: their fitted weights hold for the calibrated step lengths only; the
+        model then keeps what validation found for plans without them (``plain_correction`` and a target
+        ``FORECAST_MARGIN_DB`` lower)."""
         src = np.asarray(source_timesteps, dtype=np.float64)
         order = np.argsort(src)
         position = np.interp(np.asarray(timesteps, dtype=np.float64), src[order], order.astype(np.float64))
@@ -259,7 +270,11 @@ class ErrorModel:
         sensitivity = np.interp(position, np.arange(len(src)), self.sensitivity) * np.maximum(length, 1e-3) ** 2
         info = {**self.info, "resampled_from": f"{len(src)} steps"}
         corrections = {level: c for level, c in self._corrections().items() if level not in FORECASTING}
-        return replace(self, error=error, sensitivity=sensitivity, level_correction=corrections, info=info, forecast_weight={})
+        plain = {"forecast_weight": {}, "plain_correction": None}
+        if any(level in FORECASTING for level in self.error):
+            plain.update(target_snr_db=self.target_snr_db - FORECAST_MARGIN_DB,
+                         correction=self.correction if self.plain_correction is None else self.plain_correction)
+        return replace(self, error=error, sensitivity=sensitivity, level_correction=corrections, info=info, **plain)
 
     def sliced(self, start: int, n: int) -> "ErrorModel":
         """The model of steps ``start .. start + n - 1`` (a run over a contiguous slice of the timesteps)."""
@@ -301,14 +316,15 @@ def segments(levels) -> list[tuple[int, int, str]]:
     return [tuple(s) for s in found]
 
 
-def segment_gaps(found) -> list[tuple[int, int, str, int]]:
-    """(start, length, level, gap) of each segment: ``gap`` is how many steps before it the full step that a
-    forecasting level extrapolates from ran (the previous segment's length; 0 where it has none)."""
-    gaps, previous = [], None
-    for start, length, level in found:
-        keeps = previous is not None and previous[2] in KEEPS_FORECAST_HISTORY
-        gaps.append((start, length, level, previous[1] if keeps else 0))
-        previous = (start, length, level)
+def segment_gaps(levels) -> list[tuple[int, int, str, int]]:
+    """(start, length, level, gap) of each of ``segments(levels)``: ``gap`` is how many steps before it the full
+    step that a forecasting level extrapolates from ran (the previous segment's length; 0 where it has none:
+    the first segment, or one after a segment with a shallow or encoder step, which recomputes what is kept)."""
+    levels = parse_plan(levels) if isinstance(levels, str) else levels
+    gaps, gap = [], 0
+    for start, length, level in segments(levels):
+        gaps.append((start, length, level, gap))
+        gap = length if all(lv in KEEPS_FORECAST_HISTORY for lv in levels[start : start + length]) else 0
     return gaps
 
 

@@ -113,7 +113,8 @@ def map_tensors(fn, obj, *others):
     if isinstance(obj, torch.Tensor):
         return fn(obj, *others)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(map_tensors(fn, *items) for items in zip(obj, *others))
+        items = [map_tensors(fn, *items) for items in zip(obj, *others)]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple takes its fields
     if isinstance(obj, dict):
         return {k: map_tensors(fn, v, *(o[k] for o in others)) for k, v in obj.items()}
     return obj
@@ -243,9 +244,8 @@ def _deep_layers(unet) -> list[torch.nn.Module]:
 def forecast_module(unet) -> torch.nn.Module | None:
     """The module whose replayed output a deep step's fresh layers read: the last of the deep layers (the last
     resnet reads it and conv_in's skip connection). None for a UNet without deep levels."""
-    if isinstance(unet, VIDEO_UNETS):
-        return None
-    return _deep_layers(unet)[-1]
+    layers = [] if isinstance(unet, VIDEO_UNETS) else _deep_layers(unet)
+    return layers[-1] if layers else None
 
 
 def add_replay_hooks(unet, mode: StepMode, name: str) -> list[tuple[torch.nn.Module, ReplayHook]]:

@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_pipelines import tiny_sd
 
 import faster_diffusion
-from faster_diffusion.plan import CHEAP_LEVELS, DEFAULT_PLAN_SNR_DB, AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segments
+from faster_diffusion.plan import CHEAP_LEVELS, DEFAULT_PLAN_SNR_DB, FORECAST_MARGIN_DB, AutoPlan, CostModel, ErrorModel, choose, decoder_groups, frontier, parse_plan, plan_letters, segment_gaps, segments
 from faster_diffusion.calibration import uniform_probe
 from faster_diffusion.unet_split import forecast_module
 from faster_diffusion.unet_split import CONDITIONAL_ONLY, DEEP, DEEP_CFG, DEEP_CFG_FORECAST, DEEP_FORECAST, ENCODER, FULL, SHALLOW
@@ -416,3 +416,31 @@ def test_the_bundled_error_models_were_validated_for_auto(name):
     assert set(model.error) == set(CHEAP_LEVELS) and model.target_snr_db == DEFAULT_PLAN_SNR_DB
     assert report["converged"] and report["tried"][-1]["plan"] == report["plan"]
     assert report["tried"][-1]["snr_db"] >= DEFAULT_PLAN_SNR_DB
+    # and for the plans without the forecasting levels that a resampled model keeps
+    assert report["plain_converged"] and model.plain_correction == report["plain_correction"] > 0
+
+
+def test_a_segment_after_a_shallow_or_encoder_step_has_nothing_to_forecast_from():
+    """A shallow or encoder step recomputes the layer a forecast extrapolates, even inside a segment labelled by
+    its cheapest level: the next segment's gap is 0 and it is predicted as the level it forecasts."""
+    assert [gap for *_, gap in segment_gaps("FDDFXXFXX")] == [0, 3, 3]
+    assert [gap for *_, gap in segment_gaps("FSXXFXXFEEFXX")] == [0, 0, 3, 0]
+    model, _ = random_models(13, 1, forecast=True)
+    assert model.predicted_error("FSXXFXXFEEFXX") == model.predicted_error("FSXXFDDFEEFDD") != model.predicted_error("FSXXFXXFDDFXX")
+
+
+def test_a_resampled_model_leaves_the_forecasts_out_and_keeps_the_plain_plans_validation():
+    """Another step count has no fitted forecast weights: the resampled model plans without the forecasting levels,
+    with the correction and the target validation found for plans without them."""
+    model, _ = random_models(12, 2, forecast=True)
+    model.correction, model.plain_correction, model.target_snr_db = 5.0, 2.0, DEFAULT_PLAN_SNR_DB
+    model.level_correction = {lv: [1.5] * 7 for lv in model.error}
+    resampled = model.resampled(np.linspace(999, 0, 12), np.linspace(999, 0, 20))
+    assert set(resampled.error) == {ENCODER, SHALLOW, DEEP} and resampled.forecast_weight == {}
+    assert (resampled.correction, resampled.target_snr_db) == (2.0, DEFAULT_PLAN_SNR_DB - FORECAST_MARGIN_DB)
+    assert set(resampled.level_correction) == {ENCODER, SHALLOW, DEEP} and resampled.plain_correction is None
+    plan = "F" + "XXF" * 6 + "X"  # an explicit plan with forecasts is predicted as replays
+    assert resampled.predicted_error(plan) == resampled.predicted_error(plan.replace("X", "D"))
+    plain, _ = random_models(12, 2)  # a model that never had them keeps its own
+    plain.correction = 3.0
+    assert plain.resampled(np.linspace(999, 0, 12), np.linspace(999, 0, 20)).correction == 3.0
