@@ -427,27 +427,33 @@ def frontier(model: ErrorModel, cost: CostModel, parallel=True, max_parallel=Non
     levels = [lv for lv in levels if lv in model.error and lv in cost.level]  # what the calibration and device measured
     options = [(1, FULL)] + [(m, lv) for lv in levels for m in range(2, model.max_run + 1)]
     spans = [int(round(loop_cost((FULL,) + (lv,) * (m - 1)) / unit)) for m, lv in options]
+    forecasts = any(lv in FORECASTING for lv in levels)  # else the gap is not worth tracking (one state)
     # best[end, gap, cost]: the least error of plans of steps 0 .. end - 1 whose last segment is gap steps long
     # and leaves a forecast history (gap 0: it does not, or there is none yet)
     best = np.full((n + 1, gaps, horizon + 1), np.inf)
     best[0, 0, 0] = 0.0
     back = np.full((n + 1, gaps, horizon + 1, 2), -1, dtype=np.int16)  # (option, gap before) of the last segment
     for start in range(n):
-        # a segment's error depends on the gap only at a forecasting level
-        plain = {o: model.segment_error(start, length, level) for o, (length, level) in enumerate(options)
-                 if start + length <= n and level not in FORECASTING}
-        for gap in np.flatnonzero(np.isfinite(best[start]).any(axis=1)):
-            for o, ((length, level), span) in enumerate(zip(options, spans)):
-                end = start + length
-                if end > n or (level in FORECASTING and gap == 0):  # without a history it is the level it forecasts
-                    continue
-                after = length if level in KEEPS_FORECAST_HISTORY else 0
-                error = plain[o] if o in plain else model.segment_error(start, length, level, int(gap))
-                candidate = np.full(horizon + 1, np.inf)
-                candidate[span:] = best[start, gap, : horizon + 1 - span] + error
-                better = candidate < best[end, after]
-                best[end, after, better] = candidate[better]
-                back[end, after, better] = (o, gap)
+        reached = np.flatnonzero(np.isfinite(best[start]).any(axis=1))  # the gaps plans reach this start with
+        for o, ((length, level), span) in enumerate(zip(options, spans)):
+            end = start + length
+            # a segment's error depends on the gap only at a forecasting level, which without a history (gap 0)
+            # is the level it forecasts
+            gaps_from = reached[reached > 0] if level in FORECASTING else reached
+            if end > n or not gaps_from.size:
+                continue
+            if level in FORECASTING:
+                errors = np.array([model.segment_error(start, length, level, int(g)) for g in gaps_from])
+            else:
+                errors = np.full(len(gaps_from), model.segment_error(start, length, level))
+            # every gap leads to the same state after this segment: keep the best of them at each cost
+            totals = best[start, gaps_from, : horizon + 1 - span] + errors[:, None]
+            which = totals.argmin(axis=0)
+            least = totals[which, np.arange(totals.shape[1])]
+            after = length if forecasts and level in KEEPS_FORECAST_HISTORY else 0
+            better = np.flatnonzero(least < best[end, after, span:])
+            best[end, after, better + span] = least[better]
+            back[end, after, better + span] = np.stack([np.full(len(better), o), gaps_from[which[better]]], axis=1)
     choices, least = [], np.inf
     final = best[n].min(axis=0)
     for t in np.flatnonzero(np.isfinite(final)):
