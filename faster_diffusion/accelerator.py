@@ -615,7 +615,6 @@ class FasterDiffusion:
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
 
-
     def _reused_guidance(self, level: str) -> torch.Tensor:
         """The guidance difference a conditional-only step reuses: the latest step's that ran both rows, or at a
         forecasting level extrapolated like the features, from the full steps the forecast module kept."""

@@ -79,7 +79,7 @@ def as_float(timestep) -> float:
 #:     ``f1 + c * (f1 - f0)``, with ``c`` the step's distance past the latest full step over the two full steps'
 #:     distance, times a weight fitted per distance by the calibration (``plan.ErrorModel.forecast_weight``).
 #:     The same work as the level they forecast; without two full steps' features (the run's first segment, or
-#:     after a group of encoder-propagated steps) they replay like it.
+#:     after shallow or encoder-propagated steps, which recompute the layer they extrapolate) they replay like it.
 FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG = "full", "encoder", "shallow", "deep", "deep_cfg"
 DEEP_FORECAST, DEEP_CFG_FORECAST = "deep_forecast", "deep_cfg_forecast"
 LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
