@@ -33,7 +33,7 @@ def test_an_all_full_plan_is_stock_bit_for_bit(pipe):
     assert accel.stats["plan"] == "F" * STEPS and accel.stats["encoder_passes"] == STEPS
 
 
-@pytest.mark.parametrize("plan", ["FEEFDDFSSFED", "FDDDDDFEEEEE", "FSEDFEESDDFE", "FEECCDFSCFEC"])
+@pytest.mark.parametrize("plan", ["FEEFDDFSSFED", "FDDDDDFEEEEE", "FSEDFEESDDFE", "FEECCDFSCFEC", "FEEFXXFFYYFX", "FFXXFEEFYYFY"])
 def test_parallel_equals_sequential(pipe, plan):
     faster_diffusion.enable(pipe, plan=plan, parallel=False)
     sequential = sample(pipe, steps=STEPS)
