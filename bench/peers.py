@@ -56,9 +56,9 @@ Methods (``--methods``, a comma list; ``+`` composes, applied left to right):
                         calls; here it is reseeded with the image's seed before each call,
                         so ToMe images are reproducible and the same in every repeat
   plan:SPEC             ``faster_diffusion.enable(pipe, plan=SPEC, calibration=...)``: a level of reuse
-                        per step (full, encoder, shallow, deep, deep_cfg); SPEC is "auto", "auto:T" (the most
-                        faithful plan predicted T times faster than stock on this device) or the
-                        letters of every step ("FDDFCC...")
+                        per step (full, encoder, shallow, deep, deep_cfg and their forecasts); SPEC is "auto",
+                        "auto:T" (the most faithful plan predicted T times faster than stock on this device)
+                        or the letters of every step ("FDDFCC...", "FXXFYY...")
   fd:SPEC               ``faster_diffusion.enable(pipe, key_steps=SPEC, parallel=True,
                         noise_injection=0.003)`` (encoder propagation); "auto" / "auto:B" use the
                         model's shipped calibration/*.json. Without one (sd15, toy) the method's first call is a

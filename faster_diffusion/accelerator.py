@@ -275,7 +275,6 @@ class FasterDiffusion:
         # Resolving the levels here makes a bad spec fail before any sampling step; a calibrated one
         # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
         self._run = _Run(num_steps, self._static_levels(num_steps), timesteps)
-        self._mode.forecast_weights = {}  # set from the run's calibration (none: forecasts extrapolate linearly)
         scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
         saved_step = scheduler.__dict__.get("step") if scheduler is not None else None
         if scheduler is not None:
@@ -364,7 +363,6 @@ class FasterDiffusion:
             run.schedule_source = f"{spec} from {source}{note}"
             return
         run.cost = self._cost_model(original_forward, call)
-        self._mode.forecast_weights = calibration.error_model.forecast_weight
         started = time.perf_counter()
         choice = _choose(parse_plan(self.plan), calibration.error_model, run.cost, self.parallel, self.max_parallel, self._cheap_levels())
         run.planning = time.perf_counter() - started
@@ -583,9 +581,7 @@ class FasterDiffusion:
             run.reuses_guidance = any(level in CONDITIONAL_ONLY for level in run.levels)
             self._mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
             self._mode.keep_history = any(level in FORECASTING for level in run.levels)
-            if self._mode.keep_history and not self._mode.forecast_weights:  # an explicit plan: its calibration's weights
-                found = self._find_calibration(self._scheduler_name(), run.timesteps, tuple(call["sample"].shape[2:]))
-                self._mode.forecast_weights = found[0].error_model.forecast_weight if found and found[0].error_model else {}
+            self._mode.forecast_weights = self._forecast_weights(call) if self._mode.keep_history else {}
         i = run.step
         run.step += 1
         self._mode.step = i
@@ -614,6 +610,13 @@ class FasterDiffusion:
         for s, chunk in zip(steps[1:], chunks[1:]):
             run.precomputed[s] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
+
+    def _forecast_weights(self, call) -> dict:
+        """The forecasting levels' fitted weights from the run's calibration, the one ``auto`` planned with (an
+        explicit plan's too); without one, forecasts extrapolate linearly."""
+        found = self._find_calibration(self._scheduler_name(), self._run.timesteps, tuple(call["sample"].shape[2:]))
+        model = found[0].error_model if found is not None else None
+        return model.forecast_weight if model is not None else {}
 
     def _reused_guidance(self, level: str) -> torch.Tensor:
         """The guidance difference a conditional-only step reuses: the latest step's that ran both rows, or at a

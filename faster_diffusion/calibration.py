@@ -525,7 +525,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
             call, rows = conditional_rows(call, rows), rows // 2
         mode.active, mode.level, mode.rows, mode.group_size, mode.step = True, FULL if j == a else level, rows, 1, j
         output = unet(**{**call, "return_dict": False})[0]
-        if j == a:
+        if j == a and a not in kept:  # (every level's full step a computes the same)
             kept[a] = (getattr(forecast, "cache", None), guidance_difference(output) if guidance is not None else None)
         if conditional:
             difference = kept[a][1]
@@ -623,8 +623,8 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     picks again, until the pick no longer changes and its measured signal-to-error ratio is at least
     ``min_snr_db``; a plan measured below it stays predicted below it (``report["converged"]`` says whether
     the last pick was measured and met it). With forecasting levels, the same first for the plans without
-    them at ``min_snr_db - FORECAST_MARGIN_DB``: ``plain_correction``, for a model that drops them. ``prompts`` / ``seeds`` default to the calibration's. Returns
-    ``(plan letters, report)``."""
+    them at ``min_snr_db - FORECAST_MARGIN_DB``: ``plain_correction``, for a model that drops them.
+    ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
     model = calibration.error_model
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
