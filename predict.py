@@ -263,16 +263,17 @@ class Predictor(BaseRunner):
         return self._save(images, output_format)
 
     def _calibrations_for(self, request, scheduler: str) -> list:
-        """The calibration of this run for key_steps="auto": exact, else derived from the nearest one (no
-        stock run). Empty when nothing of the sampler is calibrated: the library's first run calibrates."""
+        """The calibration of this run for plan="auto" or key_steps="auto": exact, else derived from the nearest
+        one (no stock run); for a plan, one with an error model where any has one. Empty when nothing of the
+        sampler is calibrated: the library's first run calibrates."""
         if not request.acceleration.needs_calibration:
             return []
         timesteps = make_scheduler(scheduler, self.base_config)
         timesteps.set_timesteps(request.steps)  # img2img runs its tail: the accelerator takes the slice
         latent = (request.height // self.pipe.vae_scale_factor, request.width // self.pipe.vae_scale_factor)
-        calibration, how = self.store.for_run(scheduler, timesteps, latent)
+        calibration, how = self.store.for_run(scheduler, timesteps, latent, plans=not request.acceleration.key_steps)
         if calibration is not None and how != "exact":
-            print(f"key_steps: {calibration.info['source']}, {how}", flush=True)
+            print(f"calibration: {calibration.info['source']}, {how}", flush=True)
         return [] if calibration is None else [calibration]
 
     def _keep_made_calibrations(self, accel, scheduler: str, made_with_lora: bool) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import Calibration, FeatureRecorder, run_info, shipped_calibrations
+from .calibration import Calibration, FeatureRecorder, derive, nearest, run_info, shipped_calibrations
 from .plan import AutoPlan, CostModel, check_levels, choose, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
@@ -76,6 +76,7 @@ CONTROLNET_HOOK = "faster_diffusion_controlnet"
 logger = logging.getLogger("faster_diffusion")
 #: decoder-group sizes the cost model times (others are interpolated)
 TIMED_GROUPS = (1, 2, 4, 8)
+MAX_DERIVED = 64  # calibrations derived for plans kept by an accelerator (a few KB to ~200 KB each)
 #: cost models measured in this process: UNet -> {(sample shape, dtype, device): CostModel}; every accelerator
 #: of a UNet shares them, so that enabling one again does not measure again
 _COST_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -174,6 +175,7 @@ class FasterDiffusion:
         self.config = config or AcceleratorConfig()
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
+        self._derived: dict[tuple, tuple[Calibration, Calibration]] = {}  # run -> (source, derived for plans)
         self.cost_models: dict[tuple, CostModel] = cost_models(self.unet)  # measured on this device, shared
         self.stats: dict = {}
         self._run: _Run | None = None
@@ -373,22 +375,36 @@ class FasterDiffusion:
 
     def _find_calibration(self, scheduler: str, timesteps, latent_size):
         """(calibration, where it came from) for this run, or None. A calibration of a longer run
-        whose timesteps contain this run's as a contiguous slice serves too (img2img, inpainting)."""
+        whose timesteps contain this run's as a contiguous slice serves too (img2img, inpainting).
+        A plan needs an error model: without one for this run, it is derived from the nearest calibration
+        that has one (``calibration.derive``: another size, step count or sampler), as the service does."""
         candidates = [
             *((c, _given_source(c)) for c in self.given_calibrations),
             *((c, f"a calibration made by an earlier run ({c.describe()})") for c in self.calibrations),
             *((c, f"file {c.path}") for c in self._shipped_calibrations()),
         ]
-        if self.plan is not None:  # those with an error model first
-            candidates.sort(key=lambda found: found[0].error_model is None)
-        for calibration, source in candidates:  # exact matches first, then slices, each in order of preference
-            if calibration.matches(scheduler, timesteps, latent_size):
-                return calibration, source
-        for calibration, source in candidates:
-            part = calibration.for_run(scheduler, timesteps, latent_size)
-            if part is not None:
-                return part, f"{source}, {part.info['slice_of']}"
-        return None
+        if self.plan is not None:
+            planning = [(c, source) for c, source in candidates if c.error_model is not None]
+            found = _matching(planning, scheduler, timesteps, latent_size) or self._derived_for_plan(
+                [c for c, _ in planning], scheduler, timesteps, latent_size
+            )
+            if found is not None:
+                return found
+        return _matching(candidates, scheduler, timesteps, latent_size)
+
+    def _derived_for_plan(self, sources, scheduler: str, timesteps, latent_size):
+        """(calibration derived from the nearest of ``sources``, where it came from), or None; kept, so that
+        the next run of the setting plans from the same error model (the plan is chosen once)."""
+        source = nearest(sources, scheduler, timesteps, latent_size)
+        if source is None:
+            return None
+        key = (scheduler, tuple(as_float(t) for t in timesteps), tuple(latent_size))
+        kept = self._derived.get(key)
+        if kept is None or kept[0] is not source:
+            if len(self._derived) >= MAX_DERIVED:
+                self._derived.clear()
+            kept = self._derived[key] = (source, derive(source, timesteps, latent_size, scheduler))
+        return kept[1], f"a calibration {kept[1].info['source']}"
 
     def _shipped_calibrations(self) -> list[Calibration]:
         """The model directory's calibration/*.json (read once per process and file version)."""
@@ -688,6 +704,19 @@ def _choose(spec, model, cost, parallel, max_parallel, levels):
     choice = choose(spec, model, cost, parallel, max_parallel, levels)
     _CHOICES[key] = (model, cost, choice)
     return choice
+
+
+def _matching(candidates, scheduler: str, timesteps, latent_size):
+    """The first of ``candidates`` ((calibration, source) pairs) made for exactly this run, else the first
+    whose run contains it as a slice; with where it came from, or None."""
+    for calibration, source in candidates:
+        if calibration.matches(scheduler, timesteps, latent_size):
+            return calibration, source
+    for calibration, source in candidates:
+        part = calibration.for_run(scheduler, timesteps, latent_size)
+        if part is not None:
+            return part, f"{source}, {part.info['slice_of']}"
+    return None
 
 
 def cost_models(unet) -> dict:

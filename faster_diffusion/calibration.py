@@ -28,6 +28,7 @@ import datetime as _dt
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,83 @@ def shipped_calibrations(model_dir) -> list[Calibration]:
 @functools.lru_cache(maxsize=256)
 def _load_cached(path: Path, mtime_ns: int) -> Calibration:
     return Calibration.load(path)
+
+
+def derive(source: Calibration, timesteps, latent_size, scheduler: str | None = None) -> Calibration:
+    """``source``'s calibration carried over to a run over ``timesteps`` at ``latent_size`` (of ``scheduler``,
+    a scheduler class name; default ``source``'s).
+
+    With the same timesteps (another size) the costs and schedules are ``source``'s. Otherwise
+    ``cost[i, j]`` is ``source``'s reuse cost interpolated (bilinearly, in timestep) at the new
+    run's ``(t_i, t_j)``, so ``auto:B`` and the tolerance work on it, and ``auto`` (``validated``)
+    is ``source``'s ``auto`` key steps moved to the new run's nearest timesteps: the encoder runs
+    at about the same noise levels as in the calibrated run. Another scheduler's calibration is
+    used the same way (the encoder sees about the same latents at the same noise level).
+    """
+    run = [float(t) for t in timesteps]
+    described = source.path.name if source.path is not None else source.describe()
+    info = {k: v for k, v in source.info.items() if k not in ("validation", "slice_of", "derived_from")}
+    info["derived_from"] = described
+    scheduler = scheduler or source.scheduler
+    if scheduler != source.scheduler:
+        derived = derive(source, timesteps, latent_size)
+        derived.scheduler = scheduler
+        derived.info["source"] = f"derived from {described} (another sampler, timesteps mapped)"
+        return derived
+    if run == [float(t) for t in source.timesteps]:
+        derived = Calibration(
+            source.cost.copy(), run, source.scheduler, tuple(latent_size), info,
+            dict(source.refined), list(source.validated) if source.validated is not None else None,
+            error_model=source.error_model,
+        )
+        derived.info["source"] = f"derived from {described} (same timesteps, another size)"
+        return derived
+    src_t = np.asarray(source.timesteps, dtype=np.float64)
+    order = np.argsort(src_t)  # np.interp wants increasing abscissae
+    position = np.interp(np.asarray(run), src_t[order], order.astype(np.float64))  # fractional index in source
+    upper = np.triu(source.cost, 1)
+    cost = _bilinear(upper + upper.T, position)
+    np.fill_diagonal(cost, 0.0)
+    cost = np.triu(cost, 1)
+    keys = sorted({0} | {int(np.argmin(np.abs(np.asarray(run) - source.timesteps[k]))) for k in source.schedule()})
+    error_model = None if source.error_model is None else source.error_model.resampled(source.timesteps, run)
+    derived = Calibration(cost, run, source.scheduler, tuple(latent_size), info, {}, keys, error_model=error_model)
+    derived.info["source"] = f"derived from {described} (timesteps mapped)"
+    return derived
+
+
+def _bilinear(matrix: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``matrix`` read at fractional indices ``(position[i], position[j])``."""
+    m = matrix.shape[0] - 1
+    low = np.clip(np.floor(position).astype(int), 0, max(m - 1, 0))
+    high = np.minimum(low + 1, m)
+    frac = np.clip(position - low, 0.0, 1.0)
+    a = matrix[np.ix_(low, low)] * (1 - frac)[None, :] + matrix[np.ix_(low, high)] * frac[None, :]
+    b = matrix[np.ix_(high, low)] * (1 - frac)[None, :] + matrix[np.ix_(high, high)] * frac[None, :]
+    return a * (1 - frac)[:, None] + b * frac[:, None]
+
+
+def nearest(candidates, scheduler: str, timesteps, latent_size):
+    """The calibration among ``candidates`` to derive a run of ``scheduler`` (class name) from: the same
+    scheduler if any, else another (DDIM first); among those the same timesteps if any (another size),
+    else the nearest step count (ratio) among the runs with at least as many steps, else among the
+    others; the same size preferred. On the bundled model UniPC-30 derived from UniPC-50 came to
+    44.8 dB PSNR to stock against 43.6 dB with its own calibration, and from UniPC-20 to 38.9 dB
+    (bench/first_use.py)."""
+    run = [float(t) for t in timesteps]
+    same = [c for c in candidates if c.scheduler == scheduler]
+    pool = same or sorted(candidates, key=lambda c: c.scheduler != "DDIMScheduler")
+    if not pool:
+        return None
+
+    def distance(c):
+        exact = [float(t) for t in c.timesteps] == run
+        coarser = c.num_steps < len(run)  # a finer run's keys mapped onto fewer steps stay closer
+        return (not exact, coarser, abs(math.log(c.num_steps / len(run))), tuple(c.latent_size) != tuple(latent_size))
+
+    if not same:
+        pool = [c for c in pool if c.scheduler == pool[0].scheduler]
+    return min(pool, key=distance)
 
 
 def _library_version() -> str:

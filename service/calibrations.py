@@ -1,4 +1,4 @@
-"""Calibrations for the service's ``key_steps="auto"``: the prompts, making one, deriving one, and the store.
+"""Calibrations for the service's ``plan="auto"`` and ``key_steps="auto"``: the prompts, making one, and the store.
 
 A model directory may ship ``calibration/*.json`` (``script/calibrate --weights DIR`` writes
 them) and ``calibration/prompts.txt``, one prompt a line, the prompts to calibrate that model
@@ -8,13 +8,17 @@ on. Without that file the generic prompts below are used.
 
 1. an exact one: shipped with the weights, made by this server at setup, or read back from the
    cache directory (``service.cache``: calibrations this server made, or derived, before a restart);
-2. else one derived from the nearest calibration (``nearest``, ``derive``): of the same scheduler
-   when there is one, else of another (the setup calibrates only the default sampler, DDIM-50 at
-   the native size, where the weights ship none); at another size the same timesteps share their
-   schedule; at another step count the reuse costs are interpolated by timestep and the ``auto``
-   key steps of the nearest run with at least as many steps are moved to the new run's nearest
-   timesteps. No stock run on the request path: deriving takes milliseconds. It is written to
-   the cache, so after a restart the setting is found at once.
+2. else one derived from the nearest calibration (``faster_diffusion.calibration.nearest`` and
+   ``derive``): of the same scheduler when there is one, else of another (the setup calibrates only
+   the default sampler, DDIM-50 at the native size, where the weights ship none); at another size
+   the same timesteps share their schedule; at another step count the reuse costs are interpolated
+   by timestep and the ``auto`` key steps of the nearest run with at least as many steps are moved
+   to the new run's nearest timesteps. No stock run on the request path: deriving takes
+   milliseconds. It is written to the cache, so after a restart the setting is found at once.
+
+A plan needs an error model: for ``plan="auto"`` both steps look at the calibrations that have one
+first, so that a setting whose own calibration has none is planned from the nearest that has one
+(the error model resampled, ``ErrorModel.resampled``) rather than falling back to encoder propagation.
 
 Memory stays bounded: the store keeps the shipped and setup calibrations, plus at most
 ``MAX_IN_MEMORY`` derived or made ones (least recently used dropped; the cache keeps them).
@@ -24,15 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
-
 import faster_diffusion
-from faster_diffusion.calibration import CALIBRATION_DIR, shipped_calibrations
+from faster_diffusion.calibration import CALIBRATION_DIR, derive, nearest, shipped_calibrations
 
 from .cache import JsonCache
 from .schedulers import make_scheduler
@@ -116,86 +117,6 @@ def validate(pipe, calibration, scheduler_name: str, height: int, width: int, pr
         )
 
 
-# -- deriving a calibration for a run nobody calibrated ------------------------------------------------------------
-
-
-def derive(source: faster_diffusion.Calibration, timesteps, latent_size, scheduler: str | None = None) -> faster_diffusion.Calibration:
-    """``source``'s calibration carried over to a run over ``timesteps`` at ``latent_size`` (of ``scheduler``,
-    a scheduler class name; default ``source``'s).
-
-    With the same timesteps (another size) the costs and schedules are ``source``'s. Otherwise
-    ``cost[i, j]`` is ``source``'s reuse cost interpolated (bilinearly, in timestep) at the new
-    run's ``(t_i, t_j)``, so ``auto:B`` and the tolerance work on it, and ``auto`` (``validated``)
-    is ``source``'s ``auto`` key steps moved to the new run's nearest timesteps: the encoder runs
-    at about the same noise levels as in the calibrated run. Another scheduler's calibration is
-    used the same way (the encoder sees about the same latents at the same noise level).
-    """
-    run = [float(t) for t in timesteps]
-    described = source.path.name if source.path is not None else source.describe()
-    info = {k: v for k, v in source.info.items() if k not in ("validation", "slice_of", "derived_from")}
-    info["derived_from"] = described
-    scheduler = scheduler or source.scheduler
-    if scheduler != source.scheduler:
-        derived = derive(source, timesteps, latent_size)
-        derived.scheduler = scheduler
-        derived.info["source"] = f"derived from {described} (another sampler, timesteps mapped)"
-        return derived
-    if run == [float(t) for t in source.timesteps]:
-        derived = faster_diffusion.Calibration(
-            source.cost.copy(), run, source.scheduler, tuple(latent_size), info,
-            dict(source.refined), list(source.validated) if source.validated is not None else None,
-            error_model=source.error_model,
-        )
-        derived.info["source"] = f"derived from {described} (same timesteps, another size)"
-        return derived
-    src_t = np.asarray(source.timesteps, dtype=np.float64)
-    order = np.argsort(src_t)  # np.interp wants increasing abscissae
-    position = np.interp(np.asarray(run), src_t[order], order.astype(np.float64))  # fractional index in source
-    upper = np.triu(source.cost, 1)
-    cost = _bilinear(upper + upper.T, position)
-    np.fill_diagonal(cost, 0.0)
-    cost = np.triu(cost, 1)
-    keys = sorted({0} | {int(np.argmin(np.abs(np.asarray(run) - source.timesteps[k]))) for k in source.schedule()})
-    error_model = None if source.error_model is None else source.error_model.resampled(source.timesteps, run)
-    derived = faster_diffusion.Calibration(cost, run, source.scheduler, tuple(latent_size), info, {}, keys, error_model=error_model)
-    derived.info["source"] = f"derived from {described} (timesteps mapped)"
-    return derived
-
-
-def _bilinear(matrix: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """``matrix`` read at fractional indices ``(position[i], position[j])``."""
-    m = matrix.shape[0] - 1
-    low = np.clip(np.floor(position).astype(int), 0, max(m - 1, 0))
-    high = np.minimum(low + 1, m)
-    frac = np.clip(position - low, 0.0, 1.0)
-    a = matrix[np.ix_(low, low)] * (1 - frac)[None, :] + matrix[np.ix_(low, high)] * frac[None, :]
-    b = matrix[np.ix_(high, low)] * (1 - frac)[None, :] + matrix[np.ix_(high, high)] * frac[None, :]
-    return a * (1 - frac)[:, None] + b * frac[:, None]
-
-
-def nearest(candidates, scheduler: str, timesteps, latent_size):
-    """The calibration among ``candidates`` to derive a run of ``scheduler`` (class name) from: the same
-    scheduler if any, else another (DDIM first); among those the same timesteps if any (another size),
-    else the nearest step count (ratio) among the runs with at least as many steps, else among the
-    others; the same size preferred. On the bundled model UniPC-30 derived from UniPC-50 came to
-    44.8 dB PSNR to stock against 43.6 dB with its own calibration, and from UniPC-20 to 38.9 dB
-    (bench/first_use.py)."""
-    run = [float(t) for t in timesteps]
-    same = [c for c in candidates if c.scheduler == scheduler]
-    pool = same or sorted(candidates, key=lambda c: c.scheduler != "DDIMScheduler")
-    if not pool:
-        return None
-
-    def distance(c):
-        exact = [float(t) for t in c.timesteps] == run
-        coarser = c.num_steps < len(run)  # a finer run's keys mapped onto fewer steps stay closer
-        return (not exact, coarser, abs(math.log(c.num_steps / len(run))), tuple(c.latent_size) != tuple(latent_size))
-
-    if not same:
-        pool = [c for c in pool if c.scheduler == pool[0].scheduler]
-    return min(pool, key=distance)
-
-
 # -- the store -----------------------------------------------------------------------------------------------------
 
 
@@ -233,10 +154,14 @@ class CalibrationStore:
         for c in (*self.shipped, *self.setup):
             if c.matches(scheduler_class, timesteps, latent_size):
                 return c
-        if key is not None and key in self.recent:
+        return None if key is None else self._kept(key, scheduler_class, timesteps, latent_size)
+
+    def _kept(self, key: str, scheduler_class: str, timesteps, latent_size):
+        """The calibration this server made or derived under ``key``, in memory or on disk, or None."""
+        if key in self.recent:
             self.recent.move_to_end(key)
             return self.recent[key]
-        if key is not None and key in self.cached:
+        if key in self.cached:
             calibration = self._read(key)
             if calibration is not None and calibration.matches(scheduler_class, timesteps, latent_size):
                 calibration.info["source"] = f"cached ({calibration.info.get('source', 'made by this service')})"
@@ -258,9 +183,9 @@ class CalibrationStore:
         while len(self.recent) > self.max_in_memory:
             self.recent.popitem(last=False)
 
-    def add(self, scheduler_name: str, calibration, setup: bool = False) -> None:
+    def add(self, scheduler_name: str, calibration, setup: bool = False, key: str | None = None) -> None:
         """Keeps ``calibration`` (made by this server, or derived) and writes it to the cache."""
-        key = self.key(scheduler_name, calibration.timesteps, calibration.latent_size)
+        key = key or self.key(scheduler_name, calibration.timesteps, calibration.latent_size)
         if setup:
             self.setup.append(calibration)
         else:
@@ -272,19 +197,28 @@ class CalibrationStore:
             self.cached[key] = path
             self.cached = {k: p for k, p in self.cached.items() if p.exists()}  # the cache may have dropped some
 
-    def for_run(self, scheduler_name: str, scheduler, latent_size):
+    def for_run(self, scheduler_name: str, scheduler, latent_size, plans: bool = False):
         """(calibration, how it was found) for a run of ``scheduler`` (timesteps set) at ``latent_size``,
-        or (None, reason) when nothing of this scheduler is calibrated (the library then calibrates)."""
+        or (None, reason) when nothing of this scheduler is calibrated (the library then calibrates).
+        With ``plans``, one with an error model whenever some calibration has one."""
         started = time.perf_counter()
         cls, timesteps = type(scheduler).__name__, [float(t) for t in scheduler.timesteps]
         key = self.key(scheduler_name, timesteps, latent_size)
-        found = self.exact(cls, timesteps, latent_size, key)
-        if found is not None:
-            return found, "exact"
+        own = self.exact(cls, timesteps, latent_size, key)
+        if own is not None and (own.error_model is not None or not plans):
+            return own, "exact"
+        if own is not None:  # the run's own calibration has no error model: one derived for plans, kept beside it
+            key += "-plans"
+            kept = self._kept(key, cls, timesteps, latent_size)
+            if kept is not None:
+                return kept, "exact"
         measured = [c for c in self.recent.values() if "derived_from" not in c.info]  # derive from measurements only
-        source = nearest([*self.shipped, *self.setup, *measured], cls, timesteps, latent_size)
+        candidates = [*self.shipped, *self.setup, *measured]
+        source = nearest([c for c in candidates if c.error_model is not None], cls, timesteps, latent_size) if plans else None
+        if source is None and own is None:
+            source = nearest(candidates, cls, timesteps, latent_size)
         if source is None:
-            return None, "no calibration to derive from"
+            return (own, "exact") if own is not None else (None, "no calibration to derive from")
         derived = derive(source, timesteps, latent_size, cls)
-        self.add(scheduler_name, derived)
+        self.add(scheduler_name, derived, key=key)
         return derived, f"derived in {1000 * (time.perf_counter() - started):.0f} ms"

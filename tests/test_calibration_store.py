@@ -14,7 +14,9 @@ from diffusers import DDIMScheduler
 import faster_diffusion
 from service import cache as cache_module
 from service.cache import JsonCache, cache_dir, weights_identity
-from service.calibrations import CalibrationStore, derive, nearest
+from faster_diffusion.calibration import derive, nearest
+from faster_diffusion.plan import DEEP, ENCODER, ErrorModel
+from service.calibrations import CalibrationStore
 
 BASE = DDIMScheduler(beta_schedule="scaled_linear", timestep_spacing="trailing").config
 
@@ -25,12 +27,16 @@ def timesteps(steps: int) -> list[float]:
     return [float(t) for t in scheduler.timesteps]
 
 
-def calibration(steps: int, latent=(8, 8), seed=0) -> faster_diffusion.Calibration:
+def calibration(steps: int, latent=(8, 8), seed=0, plans=False) -> faster_diffusion.Calibration:
     rng = np.random.default_rng(seed)
     gaps = np.abs(np.subtract.outer(np.arange(steps), np.arange(steps)))
     cost = np.triu(gaps * rng.uniform(0.005, 0.02, (steps, steps)))
     made = faster_diffusion.Calibration(cost, timesteps(steps), "DDIMScheduler", latent, {"source": "test"})
     made.validated = made.schedule(tolerance=0.025)
+    if plans:  # an error model of plans: errors growing with the distance to the full step
+        growth = np.arange(1, 8)[None, :] ** 2
+        made.error_model = ErrorModel({lv: rng.uniform(0.5, 2, (steps, 7)) * growth * scale for lv, scale in ((ENCODER, 1e-4), (DEEP, 2e-4))},
+                                      rng.uniform(0.1, 1, steps), signal=1.0)  # fmt: skip
     return made
 
 
@@ -197,3 +203,32 @@ def test_derived_calibrations_are_derived_from_measured_ones_only(store_dir, tmp
     store.for_run("DDIM", scheduler(48), (8, 8))
     derived, _ = store.for_run("DDIM", scheduler(47), (8, 8))  # 48 steps is nearer, but derived itself
     assert derived.info["derived_from"] == "DDIM-20steps-8x8.json"
+
+
+def test_a_plan_is_derived_from_an_error_model_where_its_own_calibration_has_none(store_dir, tmp_path):
+    """DDIM-20 ships without an error model, DDIM-30 with one: plan="auto" at 20 steps plans from DDIM-30's
+    (resampled), kept beside DDIM-20's own, which key_steps="auto" still gets, also after a restart."""
+    calibration(30, plans=True).save(store_dir / "calibration" / "DDIM-30steps-8x8.json")
+    store = CalibrationStore(store_dir, "abc", tmp_path / "cache")
+    own, how = store.for_run("DDIM", scheduler(20), (8, 8))
+    assert how == "exact" and own.error_model is None and own.path.name == "DDIM-20steps-8x8.json"
+    planned, how = store.for_run("DDIM", scheduler(20), (8, 8), plans=True)
+    assert how.startswith("derived in ") and planned.info["derived_from"] == "DDIM-30steps-8x8.json"
+    assert planned.error_model is not None and planned.error_model.num_steps == 20
+    assert store.for_run("DDIM", scheduler(20), (8, 8), plans=True) == (planned, "exact")  # kept: planned once
+    assert store.for_run("DDIM", scheduler(20), (8, 8)) == (own, "exact")
+    restarted = CalibrationStore(store_dir, "abc", tmp_path / "cache")
+    again, how = restarted.for_run("DDIM", scheduler(20), (8, 8), plans=True)
+    assert how == "exact" and again.error_model is not None and again.info["derived_from"] == "DDIM-30steps-8x8.json"
+    # a new setting: derived from the calibration with an error model, not from the nearer DDIM-20
+    derived, _ = store.for_run("DDIM", scheduler(18), (8, 8), plans=True)
+    assert derived.info["derived_from"] == "DDIM-30steps-8x8.json" and derived.error_model.num_steps == 18
+    assert store.for_run("DDIM", scheduler(17), (8, 8))[0].info["derived_from"] == "DDIM-20steps-8x8.json"
+
+
+def test_without_any_error_model_a_plan_gets_the_calibration_key_steps_use(store_dir, tmp_path):
+    store = CalibrationStore(store_dir, "abc", tmp_path / "cache")
+    own, _ = store.for_run("DDIM", scheduler(20), (8, 8))
+    assert store.for_run("DDIM", scheduler(20), (8, 8), plans=True) == (own, "exact")
+    derived, how = store.for_run("DDIM", scheduler(33), (8, 8), plans=True)
+    assert how.startswith("derived in ") and derived.error_model is None

@@ -240,6 +240,38 @@ def test_a_cost_model_without_a_level_the_run_can_take_is_measured_again(pipe):
     assert accel.cost_models[key] is not older and {DEEP_FORECAST, DEEP_CFG_FORECAST} <= set(accel.cost_models[key].level)
 
 
+def test_auto_plans_a_setting_nobody_calibrated_from_the_nearest_error_model(pipe):
+    """Another size keeps the calibration's error model (its forecasts too); another step count resamples it
+    (forecasts left out). No stock run calibrates, and the plan is the one the error model gives with this
+    run's cost model. An exact calibration without an error model does not stop the plan."""
+    calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
+    bigger = 2 * SIZE
+    keys_only = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], height=bigger, width=bigger)
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=[keys_only, calibration])
+    sample(pipe, steps=STEPS, size=bigger)
+    assert accel.stats["schedule_source"].startswith("auto from a calibration derived from ") and "(same timesteps, another size)" in accel.stats["schedule_source"]
+    assert not accel.calibrations  # no stock run calibrated
+    latent = bigger // pipe.vae_scale_factor
+    cost = accel.cost_models[((2, pipe.unet.config.in_channels, latent, latent), "torch.float32", "cpu", True)]
+    assert accel.stats["plan"] == plan_letters(choose(AutoPlan(), calibration.error_model, cost).levels) != "F" * STEPS
+    (derived,) = [c for _, c in accel._derived.values()]
+    assert derived.error_model is calibration.error_model  # forecasts and all
+    sample(pipe, steps=STEPS, size=bigger)
+    assert [c for _, c in accel._derived.values()] == [derived]  # derived once
+    # another step count: resampled, without the forecasting levels
+    sample(pipe, steps=STEPS - 3)
+    assert "(timesteps mapped)" in accel.stats["schedule_source"] and not accel.calibrations
+    resampled = next(c for _, c in accel._derived.values() if c.num_steps == STEPS - 3).error_model
+    assert resampled.num_steps == STEPS - 3 and not {DEEP_FORECAST, DEEP_CFG_FORECAST} & set(resampled.error)
+    assert accel.stats["plan"] != "F" * (STEPS - 3)
+    accel.disable()
+    # with no error model anywhere: encoder propagation at auto's key steps, as before
+    accel = faster_diffusion.enable(pipe, plan="auto", calibration=keys_only)
+    sample(pipe, steps=STEPS, size=bigger)
+    assert "it has no error model for plans" in accel.stats["schedule_source"] and set(accel.stats["plan"]) == {"F", "E"}
+    accel.disable()
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
