@@ -386,7 +386,7 @@ def derive(source: Calibration, timesteps, latent_size, scheduler: str | None = 
     """
     run = [float(t) for t in timesteps]
     described = source.path.name if source.path is not None else source.describe()
-    info = {k: v for k, v in source.info.items() if k not in ("validation", "slice_of", "derived_from")}
+    info = {k: v for k, v in source.info.items() if k not in ("validation", "slice_of", "derived_from", "num_inference_steps")}
     info["derived_from"] = described
     scheduler = scheduler or source.scheduler
     if scheduler != source.scheduler:
@@ -577,8 +577,9 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     guidance = float(pipe.guidance_scale) if guides_on_two_halves(pipe) else None
     calls, outputs = recorded.calls, recorded.outputs
     n = len(calls)
-    if n != num_steps:
-        raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {num_steps} steps; plans need one call a step")
+    steps = len(pipe.scheduler.timesteps)  # the loop's steps (PNDM's are one more than num_inference_steps)
+    if n != steps:
+        raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {steps} steps; plans need one call a step")
     stock = [_guided(o, guidance) for o in outputs]
     levels = [lv for lv in supported_levels(unet, guided=guidance is not None) if lv != FULL]
     plain = [lv for lv in levels if lv not in FORECASTING]
@@ -712,7 +713,7 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     n = calibration.num_steps
     started = time.perf_counter()
     tried = []
-    with _final_latents(pipe, n, prompts, seeds, call_kwargs, calibration) as final_latents:
+    with _final_latents(pipe, _pipeline_steps(calibration), prompts, seeds, call_kwargs, calibration) as final_latents:
         stock = final_latents(None).float()
 
         def measure(plan):
@@ -791,7 +792,7 @@ def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, swe
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     started = time.perf_counter()
-    with _final_latents(pipe, calibration.num_steps, prompts, seeds, call_kwargs) as final_latents:
+    with _final_latents(pipe, _pipeline_steps(calibration), prompts, seeds, call_kwargs) as final_latents:
         keys, best, start, evaluations, initial = _local_search(calibration, budget, final_latents, sweeps, moves)
     calibration.refined[budget] = keys
     report = {
@@ -826,7 +827,7 @@ def validate(pipe, calibration: Calibration, prompts, seeds=None, min_snr_db: fl
     initial = calibration.schedule(tolerance=DEFAULT_TOLERANCE)  # not an earlier validation's
     started = time.perf_counter()
     tried = {}  # budget -> SNR (dB); None: every step a key, the stock run itself
-    with _final_latents(pipe, n, prompts, seeds, call_kwargs) as final_latents:
+    with _final_latents(pipe, _pipeline_steps(calibration), prompts, seeds, call_kwargs) as final_latents:
         stock = final_latents(None)
         signal = float(stock.pow(2).mean())
         for budget in range(len(initial), n + 1):
@@ -843,6 +844,11 @@ def validate(pipe, calibration: Calibration, prompts, seeds=None, min_snr_db: fl
               "seconds": round(time.perf_counter() - started, 1), "prompts": prompts, "seeds": seeds}  # fmt: skip
     calibration.info["validation"] = report
     return keys, report
+
+
+def _pipeline_steps(calibration: Calibration) -> int:
+    """The ``num_inference_steps`` that gives the calibrated run (PNDM's loop has one step more)."""
+    return int(calibration.info.get("num_inference_steps", calibration.num_steps))
 
 
 @contextlib.contextmanager

@@ -272,6 +272,27 @@ def test_auto_plans_a_setting_nobody_calibrated_from_the_nearest_error_model(pip
     accel.disable()
 
 
+def test_pndm_plans_its_own_loop_of_one_step_more(pipe):
+    """PNDM's loop runs num_inference_steps + 1 steps: its error model has one a loop step, and validation runs the
+    same num_inference_steps the calibration did (not one more)."""
+    from diffusers import PNDMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = PNDMScheduler.from_config(original.config, skip_prk_steps=True)
+    try:
+        calibration = faster_diffusion.calibrate(pipe, ["a red square"], STEPS, seeds=[0], plans=True, height=SIZE, width=SIZE)
+        assert calibration.num_steps == calibration.error_model.num_steps == STEPS + 1
+        plan, report = faster_diffusion.validate_plan(pipe, calibration, height=SIZE, width=SIZE, iterations=2)
+        assert len(plan) == STEPS + 1 and all(len(tried["plan"]) == STEPS + 1 for tried in report["tried"])
+        accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
+        sample(pipe, steps=STEPS)
+        assert accel.stats["schedule_source"].startswith("auto from the calibration argument (predicted")
+        assert len(accel.stats["plan"]) == STEPS + 1
+    finally:
+        faster_diffusion.disable(pipe)
+        pipe.scheduler = original
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -439,10 +460,10 @@ def test_plan_calibration_fits_saves_and_drives_auto(pipe, tmp_path):
     np.testing.assert_array_equal(part.error_model.error[DEEP], loaded.error_model.error[DEEP][4:])
 
 
-@pytest.mark.parametrize("name", ["DDIM-50steps-8x8", "DPMSolverMultistep-20steps-8x8"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (BUNDLED / "calibration").glob("*.json")))
 def test_the_bundled_error_models_were_validated_for_auto(name):
-    """The shipped error models have every level, and their validation ended on a pick that met the default
-    target on the calibration prompts and that the corrected model picks again (converged)."""
+    """Every shipped calibration has an error model with every level, and its validation ended on a pick that met
+    the default target on the calibration prompts and that the corrected model picks again (converged)."""
     model = faster_diffusion.Calibration.load(BUNDLED / "calibration" / f"{name}.json").error_model
     report = model.info["validation"]
     assert set(model.error) == set(CHEAP_LEVELS) and model.target_snr_db == DEFAULT_PLAN_SNR_DB
