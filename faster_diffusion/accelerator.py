@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .calibration import Calibration, FeatureRecorder, derive, nearest, run_info, shipped_calibrations
-from .plan import AutoPlan, CostModel, check_levels, choose, decoder_groups, parse_plan, plan_letters
+from .plan import AutoPlan, CostModel, check_levels, choose, count_flops, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .unet_split import (
     CONDITIONAL_ONLY,
@@ -529,7 +529,7 @@ class FasterDiffusion:
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
-            flops = {level: _flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
+            flops = {level: count_flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
             forecast.history = []
@@ -782,15 +782,6 @@ def _least_seconds(fn, device, prepare=lambda: None, repeats: int = 3) -> float:
             state = prepare()
             times.append(_seconds(lambda: fn(state), device))
     return min(times)
-
-
-def _flops(fn) -> float:
-    """FLOPs of one call, by torch's own counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def _check_timestep(timestep, expected, i: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .plan import (
     CHEAP_LEVELS,
@@ -42,13 +43,16 @@ from .plan import (
     FORECAST_MARGIN_DB,
     MAX_RUN,
     AutoPlan,
+    CostModel,
     ErrorModel,
     choose,
+    count_flops,
     plan_letters,
     segment_gaps,
 )
 from .unet_split import (
     CONDITIONAL_ONLY,
+    ENCODER,
     FORECASTING,
     FULL,
     ModelHook,
@@ -472,7 +476,8 @@ def run_info(pipe, prompts, num_inference_steps, call_kwargs) -> dict:
     }
 
 
-def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: bool = False, **call_kwargs) -> Calibration:
+def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: bool = False, compute_budget: float | None = None,
+              **call_kwargs) -> Calibration:
     """Runs the stock pipeline once on ``prompts`` (one batch, the pipeline's current scheduler, generator
     seeds ``seeds``, default 0, 1, ..., or the ``generator`` argument) and returns the calibration of its
     encoder features. ``call_kwargs`` go to ``pipe(...)`` (height, width, guidance_scale, ...). An
@@ -480,10 +485,20 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
 
     With ``plans`` (a 2D UNet), it also fits the error model of plans (``faster_diffusion.plan``): the
     stock run's UNet calls are replayed at every level of reuse, and the pipeline runs again with one
-    step's output perturbed at a time, to see how much of each step's error reaches the final latent."""
+    step's output perturbed at a time, to see how much of each step's error reaches the final latent.
+
+    ``compute_budget`` (stock images: one prompt's stock call of this run is 1) caps what the calibration
+    computes, and with ``plans`` it returns the error model already scaled on outputs (``validate_plan``
+    within the same budget): fewer prompts, teacher-forced errors and sensitivities at a subset of steps,
+    interpolated between them, and fewer validation probes (``Spending``). None: the thorough calibration,
+    every prompt and step (about 90 stock images a prompt at 50 steps; ``validate_plan`` is then the caller's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts: calibration needs at least one prompt")
+    if compute_budget is not None:
+        compute_budget = check_compute_budget(compute_budget)
+        prompts = prompts[: budget_prompts(compute_budget, len(prompts))]
+        seeds = None if seeds is None else list(seeds)[: len(prompts)]
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     generator = call_kwargs.pop("generator", None)
     generators = _generator_factory(seeds, generator)
@@ -500,7 +515,9 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     try:
         final = pipe(prompts, num_inference_steps=num_inference_steps, generator=generators(1), **call_kwargs).images
         recorder.detach()
-        error_model = _fit_error_model(pipe, calls.detach(), final, prompts, generators, num_inference_steps, call_kwargs) if plans else None
+        fit_budget = None if compute_budget is None else FIT_SHARE * (compute_budget - len(prompts))
+        error_model = _fit_error_model(pipe, calls.detach(), final, prompts, generators, num_inference_steps, call_kwargs,
+                                       fit_budget) if plans else None
     finally:
         recorder.detach()
         if calls is not None:
@@ -511,8 +528,38 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     info = {**run_info(pipe, prompts, num_inference_steps, call_kwargs), "seeds": seeds, "seconds": round(seconds, 3)}
     calibration = recorder.calibration(type(pipe.scheduler).__name__, info)
     calibration.error_model = error_model
-    logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), seconds)
+    if compute_budget is not None:
+        spent = len(prompts) + (error_model.info["spent"] if error_model is not None else 0.0)
+        calibration.info["compute_budget"] = compute_budget
+        if error_model is not None:
+            validate_plan(pipe, calibration, compute_budget=compute_budget - spent, **{k: v for k, v in call_kwargs.items() if k != "output_type"})
+            spent += error_model.info["validation"]["spent"]
+        calibration.info["spent"] = round(spent, 2)
+    logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), time.perf_counter() - started)
     return calibration
+
+
+#: A budgeted calibration (``compute_budget``) spends this share of what the stock run leaves on fitting the error
+#: model, the rest on validating it on outputs.
+FIT_SHARE = 0.5
+#: The least ``compute_budget``: the stock run of one prompt, and a few teacher-forced steps, perturbed runs and probes.
+MIN_COMPUTE_BUDGET = 4.0
+#: Prompts a budgeted calibration runs: one per this many stock images of budget (at least one).
+IMAGES_PER_PROMPT = 12.0
+
+
+def check_compute_budget(compute_budget) -> float:
+    """``compute_budget`` as a float, or the ValueError that names it and the accepted range."""
+    if isinstance(compute_budget, bool) or not isinstance(compute_budget, (int, float)) or not math.isfinite(compute_budget) \
+            or compute_budget < MIN_COMPUTE_BUDGET:
+        raise ValueError(f"compute_budget={compute_budget!r} must be a number >= {MIN_COMPUTE_BUDGET:g} (stock images of "
+                         "compute; None for the thorough calibration)")
+    return float(compute_budget)
+
+
+def budget_prompts(compute_budget: float, available: int) -> int:
+    """How many of the ``available`` prompts a calibration of ``compute_budget`` stock images runs."""
+    return max(1, min(available, int(compute_budget // IMAGES_PER_PROMPT)))
 
 
 def _generators(seeds) -> list[torch.Generator]:
@@ -567,8 +614,118 @@ def _guided(output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
     return uncond + guidance_scale * (cond - uncond)
 
 
+@dataclass(frozen=True)
+class Spending:
+    """Where an error-model fit spends its compute: the full steps it teacher-forces (``starts``), the distances
+    between the full steps its forecasts extrapolate from (``distances``), and the steps whose output it perturbs
+    (``perturbed``). What lies between is interpolated (``_fill``): errors and sensitivities move smoothly with
+    the step on a log scale, over decades (docs/calibration.md)."""
+
+    starts: tuple[int, ...]
+    distances: tuple[int, ...]
+    perturbed: tuple[int, ...]
+
+    @classmethod
+    def thorough(cls, n: int) -> "Spending":
+        return cls(tuple(range(n - 1)), tuple(range(1, MAX_RUN + 1)), tuple(range(1, n)))
+
+    @classmethod
+    def within(cls, budget: float, n: int, rows: int, fractions: dict, plain, forecasting) -> "Spending":
+        """The most measured steps whose predicted cost fits ``budget`` stock images (``rows`` prompts a call;
+        ``fractions``: each level's FLOPs over a full call's). The perturbed steps come first from the run's end,
+        where the sensitivity grows fastest and a perturbed run is shortest, at Fibonacci distances; the
+        teacher-forced starts are spread evenly, the first and last always among them."""
+        perturbed, spent = [], 0.0
+        for d in _fibonacci():
+            i = n - 1 - d
+            price = cls.perturbed_cost(i, n, rows, fractions[plain[-1]])
+            if i < 1 or perturbed and spent + price > SENSITIVITY_SHARE * budget:
+                break
+            perturbed.append(i)
+            spent += price
+        distances = FORECAST_DISTANCES if forecasting else ()
+        starts = (0, n - 2) if n > 2 else (0,)
+        for k in range(3, n):
+            more = tuple(sorted({int(a) for a in np.rint(np.linspace(0, n - 2, k))}))
+            if spent + cls.starts_cost(more, n, rows, fractions, plain, forecasting, distances) > budget:
+                break
+            starts = more
+        return cls(starts, distances, tuple(sorted(perturbed)))
+
+    @staticmethod
+    def starts_cost(starts, n: int, rows: int, fractions: dict, plain, forecasting, distances) -> float:
+        """Stock images of teacher-forcing ``starts``: each level's full step and cheap steps, and a forecast's
+        earlier full steps and cheap steps at each distance."""
+        calls = 0.0
+        for a in starts:
+            cheap = min(MAX_RUN - 1, n - 1 - a)
+            calls += len(plain) + cheap * sum(fractions[lv] for lv in plain)
+            calls += sum(1 + cheap * sum(fractions[forecasting[lv]] for lv in forecasting) for m in distances if m <= a)
+        return calls * rows / n
+
+    @staticmethod
+    def perturbed_cost(i: int, n: int, rows: int, fraction: float) -> float:
+        """Stock images of one perturbed run from step ``i`` (the earlier steps replay the stock run's outputs),
+        with the full step and cheap step that make its perturbation's direction."""
+        return rows * ((n - i) + 1 + fraction) / n
+
+    def cost(self, n: int, rows: int, fractions: dict, plain, forecasting) -> float:
+        return self.starts_cost(self.starts, n, rows, fractions, plain, forecasting, self.distances) + sum(
+            self.perturbed_cost(i, n, rows, fractions[plain[-1]]) for i in self.perturbed)
+
+
+#: A budgeted fit's share of its budget for the perturbed runs (the rest teacher-forces).
+SENSITIVITY_SHARE = 0.4
+#: A budgeted fit's forecast distances (m: full steps a - m and a); the others are interpolated.
+FORECAST_DISTANCES = (1, 2, 4)
+
+
+def _fibonacci():
+    a, b = 0, 1
+    while True:
+        yield a
+        a, b = b, a + b if a else 2  # 0, 1, 2, 3, 5, 8, 13, ...
+
+
+def _fill(values: np.ndarray, measured, valid: np.ndarray) -> np.ndarray:
+    """``values`` along its first axis, the entries of rows not in ``measured`` interpolated between the measured
+    rows' finite entries (linearly in log: errors and sensitivities span decades), the nearest measured row's
+    past the ends; entries not ``valid`` (beyond the run) are nan."""
+    measured = np.asarray(sorted(measured))
+    if len(measured) == values.shape[0]:
+        return np.where(valid, values, np.nan)
+    flat = values.reshape(values.shape[0], -1)
+    filled = np.full_like(flat, np.nan)
+    floor = 1e-30
+    for c in range(flat.shape[1]):
+        rows = measured[np.isfinite(flat[measured, c])]
+        if rows.size:
+            filled[:, c] = np.exp(np.interp(np.arange(len(flat)), rows, np.log(np.maximum(flat[rows, c], floor))))
+            filled[rows, c] = flat[rows, c]  # exact where measured (a measured 0 stays 0)
+    return np.where(valid, filled.reshape(values.shape), np.nan)
+
+
+class _ReplayedPrefix(ModelHook):
+    """Hands the pipeline the stock run's UNet outputs for its first ``until`` calls, for ``copies`` copies of the
+    prompts: a run perturbed from step ``until`` on computes nothing before it."""
+
+    def __init__(self, outputs, copies: int, until: int, halves: int):
+        super().__init__()
+        self.outputs, self.copies, self.until, self.halves, self.calls = outputs, copies, until, halves, 0
+
+    def new_forward(self, module, *args, **kwargs):
+        i, self.calls = self.calls, self.calls + 1
+        if i >= self.until:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        parts = self.outputs[i].chunk(self.halves)  # [unconditional, conditional] rows under guidance
+        sample = torch.cat([part.repeat(self.copies, *[1] * (part.ndim - 1)) for part in parts])
+        return (sample,) if not bind_unet_call(module, args, kwargs)["return_dict"] else UNet2DConditionOutput(sample=sample)
+
+
 @torch.no_grad()
-def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, num_steps, call_kwargs) -> ErrorModel:
+def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, num_steps, call_kwargs, budget=None) -> ErrorModel:
+    """The error model of plans from the stock run ``recorded``: thorough (every step), or within ``budget`` stock
+    images (``Spending.within``)."""
     started = time.perf_counter()
     unet = pipe.unet
     if getattr(pipe, "do_classifier_free_guidance", False) and not guides_on_two_halves(pipe):
@@ -583,13 +740,14 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     stock = [_guided(o, guidance) for o in outputs]
     levels = [lv for lv in supported_levels(unet, guided=guidance is not None) if lv != FULL]
     plain = [lv for lv in levels if lv not in FORECASTING]
+    forecasting = {lv: FORECASTING[lv] for lv in levels if lv in FORECASTING}
     # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features (and, at a
     # conditional-only level, full step a's guidance difference)
     error = {lv: np.full((n, MAX_RUN - 1), np.nan) for lv in plain}
     # a forecasting level: at weight 0 it is the level it forecasts, at weight 1 a linear extrapolation from full
     # steps a - m and a; its output is nearly linear in the weight, so these moments of the error at weight 0 (e)
     # and of the change to weight 1 (d) give the error at any weight: (mean e^2, mean e.d, mean d^2)
-    moments = {lv: np.full((n, MAX_RUN - 1, MAX_RUN, 3), np.nan) for lv in levels if lv in FORECASTING}
+    moments = {lv: np.full((n, MAX_RUN - 1, MAX_RUN, 3), np.nan) for lv in forecasting}
     directions = {}  # step -> the error of the least computed level (deep_cfg where guided) two steps after a full step
     mode = StepMode(keep_decoder=True)
     hooks = add_replay_hooks(unet, mode, RECORDER_HOOK)
@@ -614,8 +772,16 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         return _guided(output, guidance)
 
     try:
-        for a in range(n - 1):
+        # each level's FLOPs over a full call's: what a budget buys
+        full_flops = count_flops(lambda: run(FULL, 0, 0))
+        fractions = {lv: count_flops(lambda lv=lv: run(lv, 0, 1)) / full_flops for lv in plain}
+        kept.clear()
+        spending = Spending.thorough(n) if budget is None else Spending.within(budget, n, len(prompts), fractions, plain, forecasting)
+        for a in spending.starts:
             kept = {s: v for s, v in kept.items() if s >= a - MAX_RUN}
+            for m in spending.distances:  # the earlier full steps a forecast extrapolates from
+                if m <= a and a - m not in kept:
+                    run(FULL, a - m, a - m)
             replayed = {}  # (level, j) -> output, for the forecasting levels
             for level in plain:
                 for j in range(a, min(n, a + MAX_RUN)):
@@ -627,33 +793,51 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
                         if level == plain[-1] and (j - a == 2 or j == 1):
                             directions[j] = difference
             for level in moments:
-                for m in range(1, min(a, MAX_RUN) + 1):
+                for m in (m for m in spending.distances if m <= min(a, MAX_RUN)):
                     forecast.history = [(a - m, kept[a - m][0]), (a, kept[a][0])]
                     for j in range(a + 1, min(n, a + MAX_RUN)):
-                        before = replayed[FORECASTING[level], j]
+                        before = replayed[forecasting[level], j]
                         e, d = before - stock[j], run(level, a, j) - before
                         moments[level][a, j - a - 1, m - 1] = [float((e * e).mean()), float((e * d).mean()), float((d * d).mean())]
                 forecast.history = []
+        for i in spending.perturbed:  # the direction of a perturbed step the teacher-forcing did not reach
+            if i not in directions:
+                a = max(0, i - 2)
+                run(FULL, a, a)
+                directions[i] = run(plain[-1], a, i) - stock[i]
     finally:
         mode.active = False
         for module, _ in hooks:
             remove_hook(module, RECORDER_HOOK)
+    # what lies beyond the run (a + 1 + k >= n), or before it for a forecast (m > a), stays nan
+    a_, k_, m_ = np.ogrid[:n, : MAX_RUN - 1, 1 : MAX_RUN + 1]
+    within = a_ + 1 + k_ < n
     forecast_weight = {}
     for level, (ee, ed, dd) in ((lv, np.moveaxis(mo, -1, 0)) for lv, mo in moments.items()):
         # the weight of least error over every full step, per distance m and step k: argmin of ee + 2 w ed + w^2 dd
         with np.errstate(invalid="ignore", divide="ignore"):
             weight = -np.nansum(ed, axis=0) / np.nansum(dd, axis=0)  # (k, m - 1)
         weight = np.clip(np.nan_to_num(weight, nan=1.0, posinf=1.0, neginf=0.0), 0.0, 2.0)
-        error[level] = np.maximum(ee + 2 * weight * ed + weight**2 * dd, 0.0)
+        if len(spending.distances) < MAX_RUN:  # the distances not measured take the nearest measured one's weights
+            measured = np.asarray(spending.distances) - 1
+            nearest_distance = measured[np.abs(np.arange(MAX_RUN)[:, None] - measured[None, :]).argmin(axis=1)]
+            weight = weight[:, nearest_distance]
+        fitted = np.maximum(ee + 2 * weight * ed + weight**2 * dd, 0.0)  # (a, k, m - 1), at the measured (a, m)
+        by_distance = _fill(np.moveaxis(fitted, 2, 0), np.asarray(spending.distances) - 1, np.moveaxis(m_ <= a_, 2, 0))
+        error[level] = _fill(np.moveaxis(by_distance, 0, 2), spending.starts, within & (m_ <= a_))
         forecast_weight[level] = weight.T  # [m - 1, k]
+    for level in plain:
+        error[level] = _fill(error[level], spending.starts, within[..., 0])
     # 2. sensitivity: the final latent's squared change per squared change of one step's output, several steps
     # a pipeline call (one copy of the prompts each). The change is a small multiple of a real reuse error:
     # later steps wash random noise out, but not an error shaped like the image.
-    sensitivity = np.zeros(n)
-    copies = max(1, 40 // len(prompts))
+    sensitivity = np.full(n, np.nan)  # (step 0 is 0: a plan's first step is full)
+    copies = max(1, 40 // len(prompts)) if budget is None else 1  # steps far apart are best perturbed one a run
+    halves = 2 if guidance is not None else 1
     scheduler = pipe.scheduler
-    for first in range(1, n, copies):
-        targets = list(range(first, min(n, first + copies)))
+    perturbed = list(spending.perturbed)
+    for first in range(0, len(perturbed), copies):
+        targets = perturbed[first : first + copies]
         count = {"step": 0}
         deltas = {}
         step = scheduler.step
@@ -673,14 +857,23 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
             return step(model_output, timestep, sample, *args, **kwargs)
 
         scheduler.step = perturbed_step
+        add_hook(unet, _ReplayedPrefix(outputs, len(targets), min(targets), halves), RECORDER_HOOK)
         try:
             latents = pipe(prompts * len(targets), num_inference_steps=num_steps, generator=generators(len(targets)), **call_kwargs).images
         finally:
             del scheduler.step
+            remove_hook(unet, RECORDER_HOOK)
         for k, i in enumerate(targets):
             change = float((latents[k * len(prompts) : (k + 1) * len(prompts)].float() - final.float()).pow(2).mean())
             sensitivity[i] = change / deltas[i] if deltas.get(i) else 0.0
-    info = {"guidance_scale": guidance, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1)}
+    sensitivity = _fill(sensitivity, perturbed, np.ones(n, bool))
+    sensitivity[0] = 0.0
+    info = {"guidance_scale": guidance, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1),
+            "flop_fractions": {lv: round(f, 4) for lv, f in fractions.items()}}
+    if budget is not None:
+        info["spending"] = {"starts": list(spending.starts), "distances": list(spending.distances), "perturbed": perturbed}
+    # (with the calls that measured the fractions)
+    info["spent"] = round(spending.cost(n, len(prompts), fractions, plain, forecasting) + len(prompts) * (1 + sum(fractions.values())) / n, 2)
     model = ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info, forecast_weight=forecast_weight)
     return ErrorModel.from_dict(model.to_dict())  # what its file will hold: a loaded model picks the same plans
 
@@ -693,7 +886,7 @@ def uniform_probe(level: str, length: int, n: int) -> list[str]:
 
 
 def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_snr_db: float = DEFAULT_PLAN_SNR_DB,
-                  iterations: int = 8, **call_kwargs):
+                  iterations: int = 8, compute_budget: float | None = None, **call_kwargs):
     """Scales the error model of plans to what outputs show, and checks ``plan="auto"`` on them.
 
     First, for each level and each segment length m, a uniform plan (a full step every m steps, the others
@@ -703,28 +896,56 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     ``min_snr_db``; a plan measured below it stays predicted below it (``report["converged"]`` says whether
     the last pick was measured and met it). With forecasting levels, the same first for the plans without
     them at ``min_snr_db - FORECAST_MARGIN_DB``: ``plain_correction``, for a model that drops them.
-    ``prompts`` / ``seeds`` default to the calibration's. Returns ``(plan letters, report)``."""
+    ``prompts`` / ``seeds`` default to the calibration's.
+
+    ``compute_budget`` (stock images, as ``calibrate``'s) caps the runs: the probes cover the lengths of
+    ``PROBE_LENGTHS`` (the others' corrections interpolated), the picks are costed by the fit's FLOP fractions
+    instead of a cost model timed here, and the iterations stop when the next run would not fit.
+    Returns ``(plan letters, report)``; ``report["spent"]``: the stock images the runs cost."""
     model = calibration.error_model
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
+    if compute_budget is not None:
+        compute_budget = check_compute_budget(compute_budget) if compute_budget >= MIN_COMPUTE_BUDGET else float(compute_budget)
+        fractions = model.info.get("flop_fractions")
+        if not fractions:
+            raise ValueError("compute_budget: this error model has no flop_fractions (fitted before budgets); recalibrate it")
     prompts = calibration.info.get("prompts") if prompts is None else prompts
     seeds = calibration.info.get("seeds", list(range(len(prompts)))) if seeds is None else list(seeds)
     model.target_snr_db, model.correction, model.level_correction = min_snr_db, 1.0, {}
     n = calibration.num_steps
     started = time.perf_counter()
-    tried = []
+    tried, spent = [], 0.0
+    budgeted = compute_budget is not None
+    cost = _flop_cost_model(fractions) if budgeted else None
+
+    def price(plan) -> float:
+        """Stock images of one run of ``plan`` (None: stock) on the prompts (a budgeted validation's)."""
+        return len(prompts) * cost.plan_flops([FULL] * n if plan is None else plan) / n
+
+    def affordable(plan) -> bool:
+        return not budgeted or spent + price(plan) <= compute_budget
+
     with _final_latents(pipe, _pipeline_steps(calibration), prompts, seeds, call_kwargs, calibration) as final_latents:
         stock = final_latents(None).float()
+        spent += price(None) if budgeted else 0.0
 
         def measure(plan):
+            nonlocal spent
             latents, accel = final_latents(plan, keep=True)
+            if budgeted:  # (only explicit plans: a budgeted validation picks with its own cost model)
+                spent += price(plan)
             error = float((latents.float() - stock).pow(2).mean())
             return error, accel
 
+        lengths = range(2, model.max_run + 1) if not budgeted else [m for m in PROBE_LENGTHS if m <= model.max_run]
         for level in model.error:
             corrections = model.level_correction[level] = [1.0] * (model.max_run - 1)
-            for length in range(2, model.max_run + 1):
+            probed = {}
+            for length in lengths:
                 probe = uniform_probe(level, length, n)
+                if not affordable(probe):
+                    continue
                 measured, _ = measure(probe)
                 # the probe's segments of this length take what its shorter last segment (corrected) leaves
                 errors = [(m == length, model.segment_error(a, m, lv, gap)) for a, m, lv, gap in segment_gaps(probe)]
@@ -734,12 +955,16 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                 # prediction stays uncorrected, and pessimistic)
                 corrected = of_length > 0 and measured > rest
                 if corrected:
-                    corrections[length - 2] = (measured - rest) / of_length
+                    corrections[length - 2] = probed[length] = (measured - rest) / of_length
                 predicted = model.predicted_error(probe)
                 tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
                               "predicted_snr_db": round(model.snr_db(predicted), 2), "corrected": corrected})
-        _, accel = measure("auto")  # this device's cost model, measured by the planner's first call
-        cost = next(iter(accel.cost_models.values()))
+            if budgeted and probed:  # the lengths not probed: interpolated, the nearest probed one's past the ends
+                known = sorted(probed)
+                corrections[:] = list(np.interp(np.arange(2, model.max_run + 1), known, [probed[m] for m in known]))
+        if not budgeted:
+            _, accel = measure("auto")  # this device's cost model, measured by the planner's first call
+            cost = next(iter(accel.cost_models.values()))
 
         def settle(levels, target: float) -> bool:
             """Scales ``model.correction`` until the plan auto picks among ``levels`` measures at least ``target``
@@ -748,6 +973,8 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             least_error = model.signal / 10 ** (target / 10)  # the error at the target
             for _ in range(iterations):
                 pick = choose(AutoPlan(), model, cost, levels=levels).levels
+                if not affordable(pick):
+                    return False
                 measured, _ = measure(pick)
                 predicted = model.predicted_error(pick)
                 raw = predicted / model.correction
@@ -765,18 +992,36 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             return False
 
         plain_converged = None
-        if any(level in FORECASTING for level in model.error):  # what a model without them (resampled) is corrected by
+        if any(level in FORECASTING for level in model.error) and not budgeted:  # what a model without them (resampled) is corrected by
             plain_converged = settle([lv for lv in CHEAP_LEVELS if lv not in FORECASTING], min_snr_db - FORECAST_MARGIN_DB)
             model.plain_correction, model.correction = model.correction, 1.0
         converged = settle(CHEAP_LEVELS, min_snr_db)
+        if budgeted and model.plain_correction is None and any(level in FORECASTING for level in model.error):
+            model.plain_correction = model.correction  # (not measured apart within a budget)
     plan = plan_letters(choose(AutoPlan(), model, cost).levels)  # what auto picks from now on
     corrections = {level: [round(c, 4) for c in by_length] for level, by_length in model.level_correction.items()}
     report = {"min_snr_db": min_snr_db, "level_correction": corrections, "correction": model.correction,
               "plain_correction": model.plain_correction, "plain_converged": plain_converged, "tried": tried,
               "plan": plan, "converged": converged, "seconds": round(time.perf_counter() - started, 1),
               "prompts": list(prompts), "seeds": seeds}  # fmt: skip
+    if budgeted:
+        report.update(compute_budget=compute_budget, spent=round(spent, 2))
     model.info["validation"] = report
     return plan, report
+
+
+#: The segment lengths a budgeted validation probes (each level's uniform plan of that interval).
+PROBE_LENGTHS = (4,)
+
+
+def _flop_cost_model(fractions: dict) -> CostModel:
+    """A cost model in full calls from each level's FLOP fraction (``ErrorModel.info["flop_fractions"]``): a
+    compute-bound device's costs, which a budgeted validation plans with instead of timing this device."""
+    level = {lv: float(f) for lv, f in fractions.items()}
+    level.update({lv: level[base] for lv, base in FORECASTING.items() if base in level})
+    groups = {g: 1.0 + (g - 1) * level[ENCODER] for g in (1, 2, 4, 8)} if ENCODER in level else {1: 1.0, 2: 2.0}
+    return CostModel(full=groups, level=level, step_overhead=0.0, call_overhead=0.0, flops={FULL: 1.0, **level},
+                     info={"predicted": "FLOP fractions of the error model's fit"})
 
 
 def refine(pipe, calibration: Calibration, budget: int, prompts, seeds=None, sweeps: int = 3, moves=(-2, -1, 1, 2), **call_kwargs):

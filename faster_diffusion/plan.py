@@ -393,6 +393,15 @@ class CostModel:
         return float(sum(self.flops[level] for level in levels))
 
 
+def count_flops(fn) -> float:
+    """FLOPs of ``fn()``, by torch's own counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 @dataclass
 class Choice:
     levels: tuple[str, ...]

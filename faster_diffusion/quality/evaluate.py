@@ -82,6 +82,20 @@ SAMPLERS = {
 SAMPLER_NAMES = {k: v[0] for k, v in SAMPLERS.items()}
 DEFAULT_STEPS = {k: v[1] for k, v in SAMPLERS.items()}
 
+#: FluxPipeline models (weights/tiny-shapes-flux, script/train-flux-reference): name -> (sampler, steps), each
+#: sampled stock with true classifier-free guidance FLUX_TRUE_CFG and an empty negative prompt (the model's
+#: default call); "flux-euler" (the model's own scheduler at its default 28 steps) is the fidelity reference
+FLUX_SETTINGS: dict[str, tuple[str, int]] = {
+    "flux-euler": ("euler", 28),
+    "flux-euler14": ("euler", 14),
+    "flux-euler10": ("euler", 10),
+    "flux-unipc": ("unipc", 20),
+    "flux-dpm": ("dpm", 20),
+}
+FLUX_SAMPLER_NAMES = {"euler": "FlowMatch Euler", "unipc": "UniPC (flow)", "dpm": "DPM-Solver++ (flow)"}
+FLUX_TRUE_CFG = 4.0
+FLUX_CALL = dict(negative_prompt="", true_cfg_scale=FLUX_TRUE_CFG, height=64, width=64, max_sequence_length=32)
+
 
 def prompt_set(num_prompts: int, seeds: int) -> list[tuple[str, int]]:
     """The fixed (caption, generator seed) list: ``num_prompts`` captions x ``seeds`` seeds."""
@@ -312,6 +326,125 @@ def evaluate(
     }
 
 
+def is_flux(model) -> bool:
+    """Whether the model folder is a FluxPipeline (its model_index.json says so)."""
+    index = Path(str(model)) / "model_index.json"
+    return index.exists() and json.loads(index.read_text()).get("_class_name") == "FluxPipeline"
+
+
+def flux_scheduler(pipe, sampler: str):
+    """A flow-matching sampler FluxPipeline can drive, on the model's sigmas.
+
+    ``euler`` is the model's own ``FlowMatchEulerDiscreteScheduler``. ``unipc`` and ``dpm`` are the multistep
+    solvers configured for flow (``use_flow_sigmas``, ``prediction_type="flow_prediction"``; FluxPipeline then
+    lets them space their own sigmas) and the model's dynamic shifting: FluxPipeline computes ``mu`` from the
+    scheduler's ``base_image_seq_len`` / ``max_image_seq_len`` / ``base_shift`` / ``max_shift`` (Flux's defaults
+    when absent), so the model's values are registered on the new scheduler's config too, and the shift is the
+    model's own (exp(mu) = 1 at 64 px for weights/tiny-shapes-flux). FlowMatchHeunDiscreteScheduler is not
+    offered: its ``set_timesteps`` takes no ``sigmas``, which FluxPipeline always passes.
+    """
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    own = pipe.scheduler.config
+    dynamic = bool(own.get("use_dynamic_shifting", False))
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=float(own.get("shift", 1.0)),
+                use_dynamic_shifting=dynamic, time_shift_type="exponential", num_train_timesteps=1000)
+    if sampler == "unipc":
+        scheduler = UniPCMultistepScheduler(**flow)
+    elif sampler == "dpm":
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
+    else:
+        raise ValueError(f"unknown flow sampler {sampler!r}; known: {list(FLUX_SAMPLER_NAMES)}")
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    scheduler.register_to_config(**{k: own[k] for k in keys if k in own})
+    return scheduler
+
+
+def evaluate_flux(
+    model,
+    settings=tuple(FLUX_SETTINGS),
+    num_prompts: int = 100,
+    seeds: int = 2,
+    batch_size: int = 100,
+    threads: int = 2,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """The harness for a FluxPipeline model: the same prompt x seed set and detector as :func:`evaluate`,
+    each setting sampled stock at the model's default call (true CFG 4, negative prompt ""), fidelity against
+    "flux-euler" (sampled first). Returns a report :func:`to_markdown` and :func:`write_report` take."""
+    import torch
+    from diffusers import FluxPipeline
+
+    unknown = [s for s in settings if s not in FLUX_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known for FluxPipeline models: {list(FLUX_SETTINGS)}")
+    torch.set_num_threads(threads)
+    order = ["flux-euler"] + [s for s in settings if s != "flux-euler"]
+    pipe = FluxPipeline.from_pretrained(str(model), local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    own = pipe.scheduler
+    items = prompt_set(num_prompts, seeds)
+    targets = [shapes.parse_caption(p) for p, _ in items]
+    log(f"{len(items)} images ({num_prompts} prompts x {seeds} seeds), true CFG {FLUX_TRUE_CFG}, model {model}")
+    images: dict[str, np.ndarray] = {}
+    results = []
+    for name in order:
+        sampler, n_steps = FLUX_SETTINGS[name]
+        pipe.scheduler = own if sampler == "euler" else flux_scheduler(pipe, sampler)
+        out = []
+        t0 = time.perf_counter()
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            gens = [torch.Generator(device).manual_seed(seed) for _, seed in chunk]
+            res = pipe([p for p, _ in chunk], num_inference_steps=n_steps, generator=gens, output_type="np", **FLUX_CALL)
+            out.append(np.asarray(res.images, dtype=np.float32))
+        seconds = time.perf_counter() - t0
+        images[name] = imgs = np.concatenate(out)
+        detections = [shapes.detect(im) for im in imgs]
+        psnr, ssim, same = fidelity(images["flux-euler"], imgs)
+        ref = next((r for r in results if r["name"] == "flux-euler"), None)
+        results.append({
+            "name": name,
+            "label": f"{FLUX_SAMPLER_NAMES[sampler]}-{n_steps} stock",
+            "sampler": FLUX_SAMPLER_NAMES[sampler],
+            "steps": n_steps,
+            "reference": "flux-euler",
+            "accelerated": False,
+            "stats": {"steps": n_steps, "encoder_passes": n_steps, "transformer_calls": 2 * n_steps},
+            "adherence": shapes.score(detections, targets),
+            "position_confusion": shapes.position_confusion(detections, targets),
+            "psnr": psnr,
+            "ssim": ssim,
+            "identical_images": same,
+            "seconds": seconds,
+            "seconds_per_image": seconds / len(items),
+            "speedup": 1.0 if ref is None else ref["seconds"] / seconds,
+        })
+        a = results[-1]["adherence"]
+        log(f"{results[-1]['label']:<32} colour {a['colour']:.3f} shape {a['shape']:.3f} position {a['position']:.3f} "
+            f"all {a['all']:.3f} | PSNR to Euler-28 {psnr:6.2f} | {seconds:6.1f}s")
+    import diffusers
+
+    return {
+        "model": str(model),
+        "title": f"Adherence of the bundled FluxPipeline model {Path(str(model)).name}",
+        "passes": "steps (2 transformer calls each)",
+        "hardware": _hardware(device, threads),
+        "device": device,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "num_images": len(items),
+        "num_prompts": num_prompts,
+        "seeds": seeds,
+        "guidance_scale": FLUX_TRUE_CFG,
+        "settings": results,
+    }
+
+
 def _line(row: dict) -> str:
     a = row["adherence"]
     return (
@@ -361,7 +494,7 @@ def _fmt(x: float, nd: int) -> str:
 
 def to_markdown(report: dict, command: str) -> str:
     lines = [
-        "# Quality of faster-diffusion on the bundled tiny-shapes model",
+        "# " + report.get("title", "Quality of faster-diffusion on the bundled tiny-shapes model"),
         "",
         f"- model: `{report['model']}`",
         f"- hardware: {report['hardware']}",
@@ -375,7 +508,7 @@ def to_markdown(report: dict, command: str) -> str:
     lines += [f"- note: {n}" for n in report.get("notes", [])]
     lines += [
         "",
-        "| setting | encoder passes | colour | shape | position | all three | PSNR | SSIM | time (s) | speed-up |",
+        f"| setting | {report.get('passes', 'encoder passes')} | colour | shape | position | all three | PSNR | SSIM | time (s) | speed-up |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["settings"]:
@@ -386,7 +519,7 @@ def to_markdown(report: dict, command: str) -> str:
             f"{r['seconds']:.1f} | {r['speedup']:.2f}x |"
         )
     cross = [r for r in report["settings"] if "psnr_to_ddim" in r]
-    if cross:
+    if cross and any(r["name"] == "ddim" for r in report["settings"]):
         ddim = next(r for r in report["settings"] if r["name"] == "ddim")
         lines += ["", f"Stock samplers against stock {ddim['label'].removesuffix(' stock')} on the same seeds "
                   "(how close a shorter solver comes to the 50-step images):", "",
@@ -424,7 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_MODEL.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_MODEL))
     ap.add_argument("--num-prompts", type=int, default=100, help="captions (of the 90, in a fixed shuffled order, cycled)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
-    ap.add_argument("--settings", default="all", help=f"comma-separated subset of: {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default="all", help=f"comma-separated subset of: {', '.join(SETTINGS)}; for a "
+                    f"FluxPipeline --model (e.g. weights/tiny-shapes-flux): {', '.join(FLUX_SETTINGS)}")
     for sampler, (name, default) in SAMPLERS.items():
         ap.add_argument(f"--{sampler}-steps", type=int, default=default, help=f"{name} steps")
     ap.add_argument("--batch-size", type=int, default=100, help="prompts per pipeline call")
@@ -436,13 +570,20 @@ def main(argv=None) -> int:
     ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = list(SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
+    flux = is_flux(args.model)
+    known = FLUX_SETTINGS if flux else SETTINGS
+    settings = list(known) if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
     command = "python -m faster_diffusion.quality.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     if args.cache_only and not args.cache_dir:
         ap.error("--cache-only needs --cache-dir")
     steps = {sampler: getattr(args, f"{sampler}_steps") for sampler in SAMPLERS}
-    report = evaluate(args.model, settings, args.num_prompts, args.seeds, steps, args.batch_size, args.threads, args.device, cache_dir=args.cache_dir, cache_only=args.cache_only)
+    if flux and args.cache_dir:
+        ap.error("--cache-dir is not supported for FluxPipeline models")
+    if flux:
+        report = evaluate_flux(args.model, settings, args.num_prompts, args.seeds, args.batch_size, args.threads, args.device)
+    else:
+        report = evaluate(args.model, settings, args.num_prompts, args.seeds, steps, args.batch_size, args.threads, args.device, cache_dir=args.cache_dir, cache_only=args.cache_only)
     if args.cache_only:
         return 0
     report["total_seconds"] = time.perf_counter() - t0
