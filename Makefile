@@ -66,3 +66,13 @@ build/tiny-shapes/training.json: $(REF)/guided/training.json
 # and measure its adherence on 30 captions; its README.md says what it does.
 lora: setup
 	OMP_NUM_THREADS=1 $(PY) script/train-lora --minutes 9 --lr 6e-3 --orange-fraction 0.7 --guided-weight 3 --check 30
+
+# The bundled transformer model weights/tiny-shapes-flux, the FluxPipeline twin of tiny-shapes, into build/
+# (one run of script/train-flux-reference on 1 CPU thread, about 2 hours; interrupted, it resumes from its
+# checkpoint in build/flux-reference). weights/tiny-shapes-flux/README.md says what it does.
+.PHONY: reference-flux-model
+reference-flux-model: build/tiny-shapes-flux/training.json
+
+build/tiny-shapes-flux/training.json: | setup
+	OMP_NUM_THREADS=1 $(PY) script/train-flux-reference --out build/tiny-shapes-flux --work build/flux-reference \
+		--minutes 110 --seed 1
