@@ -49,6 +49,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: Optional[Path] = None) -> None:
         """Loads the pipeline, the schedulers and the calibrations once."""
         started = time.perf_counter()
+        self.setup_budget = calibrations.setup_budget()  # a bad FASTER_DIFFUSION_SETUP_BUDGET fails before loading
         memory = bound_thread_caches()  # before the first convolution: flat memory across image sizes
         resolved = resolve_weights(weights)
         if resolved.warning:
@@ -113,13 +114,19 @@ class Predictor(BaseRunner):
             return
         started = time.perf_counter()
         prompts = self.calibration_prompts
-        calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, prompts, self.base_config, plans=True)
-        calibrations.validate(self.pipe, calibration, scheduler, size, size, prompts, self.base_config)
-        calibration.info["source"] = "calibrated at setup"
+        budget = self.setup_budget
+        spend = None if budget is None else budget - calibrations.WARM_UP_IMAGES
+        calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, prompts, self.base_config, plans=True,
+                                             compute_budget=spend)
+        if budget is None:  # (within a budget, key_steps="auto" keeps the feature tolerance's schedule unchecked)
+            calibrations.validate(self.pipe, calibration, scheduler, size, size, prompts, self.base_config)
+        calibration.info["source"] = "calibrated at setup" + ("" if budget is None else f" within {spend:g} stock images")
         self.store.add(scheduler, calibration, setup=True)
+        plan = calibration.error_model.info["validation"]["plan"]
+        cost = "thorough" if budget is None else f"{calibration.info['spent']:g} of {spend:g} stock images"
         print(
-            f"calibrated key_steps=auto for {scheduler}-{steps} at {size}x{size} at setup on {len(prompts)} prompts "
-            f"in {time.perf_counter() - started:.1f}s: auto={calibration.schedule()}",
+            f"calibrated {scheduler}-{steps} at {size}x{size} at setup ({cost}, {len(calibration.info['prompts'])} prompts) "
+            f"in {time.perf_counter() - started:.1f}s: plan auto={plan}, key_steps auto={calibration.schedule()}",
             flush=True,
         )
 

@@ -40,6 +40,7 @@ import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .calibration import Calibration, FeatureRecorder, derive, nearest, run_info, shipped_calibrations
@@ -510,6 +511,10 @@ class FasterDiffusion:
         found = self.cost_models.get(key)
         if found is not None and set(levels) <= set(found.level):  # (one kept from before a level was added is not)
             return found
+        nearest = _nearest_cost_model(self.cost_models, key, levels)
+        if nearest is not None:  # another batch or size: predicted from a measured one, nothing timed
+            self.cost_models[key] = nearest.predicted(tuple(sample.shape))
+            return self.cost_models[key]
         started = time.perf_counter()
         t = call["timestep"]
         # decoder outputs for the replaying levels, and no history kept (the fake one below stays; a previous run's
@@ -530,6 +535,7 @@ class FasterDiffusion:
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
             flops = {level: count_flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
+            curve = self._flop_curve(original_forward, call, flops)
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
             forecast.history = []
@@ -542,10 +548,33 @@ class FasterDiffusion:
             call_overhead=self._call_overhead(call),
             flops=flops,
             info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2], "guided": key[3]},
+            flop_curve=curve,
         )
         self.cost_models[key] = cost
         self._run.measuring += time.perf_counter() - started
         return cost
+
+    def _flop_curve(self, original_forward, call, flops: dict) -> dict:
+        """Each level's FLOPs per row of the sample as c + a T + b T^2 in the latent's pixels T (``CostModel.flop_curve``):
+        ``flops`` at this size and counts at two larger ones, one and two downsampling steps wider. Empty where the
+        call carries tensors of the sample's size (a ControlNet's residuals) or frames (a video UNet)."""
+        sample, t = call["sample"], call["timestep"]
+        residuals = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
+        if sample.ndim != 4 or any(call.get(name) is not None for name in residuals):
+            return {}
+        rows, (h, w) = sample.shape[0], sample.shape[2:]
+        step = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        counted = [l for l in flops if l not in FORECASTING]  # a forecast does the multiply-adds of the level it forecasts
+        per_row = {level: [flops[level] / rows] for level in counted}
+        for k in (1, 2):
+            resized = {**call, "sample": sample.new_zeros(*sample.shape[:2], h + k * step, w + k * step)}
+            for level in counted:  # full first: the replaying levels read what it keeps at this size
+                per_row[level].append(count_flops(lambda lv=level: self._call_unet(original_forward, resized, lv, [t])) / rows)
+        pixels = np.array([(h + k * step) * (w + k * step) for k in (0, 1, 2)], dtype=np.float64)
+        powers = np.stack([np.ones(3), pixels, pixels**2], axis=1)
+        curve = {level: np.linalg.solve(powers, np.array(counts)).tolist() for level, counts in per_row.items()}
+        curve.update({level: curve[base] for level, base in FORECASTING.items() if level in flops})
+        return curve
 
     def _step_overhead(self, call) -> float:
         """Seconds of a sampling step outside the UNet, on a copy of the scheduler: what an SD pipeline does
@@ -717,6 +746,20 @@ def _matching(candidates, scheduler: str, timesteps, latent_size):
         if part is not None:
             return part, f"{source}, {part.info['slice_of']}"
     return None
+
+
+def _nearest_cost_model(models: dict, key, levels) -> CostModel | None:
+    """The measured cost model (of the same dtype, device and guidance, with a FLOP curve and ``levels``) whose
+    batch and size are nearest the sample shape of ``key``, in log ratio; None if there is none."""
+    shape, *rest = key
+
+    def distance(item):
+        (other, *other_rest), _ = item
+        return abs(np.log(other[0] / shape[0])) + abs(np.log(np.prod(other[2:]) / np.prod(shape[2:])))
+
+    candidates = [(k, m) for k, m in models.items() if list(k[1:]) == rest and len(k[0]) == len(shape) and k[0][1:2] == shape[1:2]
+                  and "predicted_from" not in m.info and m.flop_curve and set(levels) <= set(m.level)]
+    return min(candidates, key=distance)[1] if candidates else None
 
 
 def cost_models(unet) -> dict:

@@ -818,6 +818,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         with np.errstate(invalid="ignore", divide="ignore"):
             weight = -np.nansum(ed, axis=0) / np.nansum(dd, axis=0)  # (k, m - 1)
         weight = np.clip(np.nan_to_num(weight, nan=1.0, posinf=1.0, neginf=0.0), 0.0, 2.0)
+        weight[np.isnan(ee).all(axis=0)] = 0.0  # never measured (a budget's few starts): it replays like its level
         if len(spending.distances) < MAX_RUN:  # the distances not measured take the nearest measured one's weights
             measured = np.asarray(spending.distances) - 1
             nearest_distance = measured[np.abs(np.arange(MAX_RUN)[:, None] - measured[None, :]).argmin(axis=1)]
@@ -828,6 +829,9 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         forecast_weight[level] = weight.T  # [m - 1, k]
     for level in plain:
         error[level] = _fill(error[level], spending.starts, within[..., 0])
+    for level, base in forecasting.items():  # what no start measured: the error of the level it then replays like
+        unknown = np.isnan(error[level]) & within & (m_ <= a_)
+        error[level][unknown] = np.broadcast_to(error[base][..., None], unknown.shape)[unknown]
     # 2. sensitivity: the final latent's squared change per squared change of one step's output, several steps
     # a pipeline call (one copy of the prompts each). The change is a small multiple of a real reuse error:
     # later steps wash random noise out, but not an error shaped like the image.
@@ -961,7 +965,7 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                               "predicted_snr_db": round(model.snr_db(predicted), 2), "corrected": corrected})
             if budgeted and probed:  # the lengths not probed: interpolated, the nearest probed one's past the ends
                 known = sorted(probed)
-                corrections[:] = list(np.interp(np.arange(2, model.max_run + 1), known, [probed[m] for m in known]))
+                corrections[:] = [float(c) for c in np.interp(np.arange(2, model.max_run + 1), known, [probed[m] for m in known])]
         if not budgeted:
             _, accel = measure("auto")  # this device's cost model, measured by the planner's first call
             cost = next(iter(accel.cost_models.values()))

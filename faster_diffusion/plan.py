@@ -340,10 +340,14 @@ class CostModel:
     call_overhead: float = 0.0
     flops: dict[str, float] = field(default_factory=dict)  # level -> FLOPs of one call
     info: dict = field(default_factory=dict)
+    # level -> (c, a, b): a call's FLOPs per row of the sample at T latent pixels, c + a T + b T^2 (convolutions and
+    # projections grow with T, self-attention with T^2), fitted exactly on three sizes; what ``predicted`` scales by
+    flop_curve: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"full": {str(g): t for g, t in self.full.items()}, "level": dict(self.level), "step_overhead": self.step_overhead,
-                "call_overhead": self.call_overhead, "flops": dict(self.flops), "info": self.info}
+                "call_overhead": self.call_overhead, "flops": dict(self.flops), "info": self.info,
+                "flop_curve": {level: list(c) for level, c in self.flop_curve.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CostModel":
@@ -351,7 +355,40 @@ class CostModel:
         whole call, and would predict differently from a fresh measurement."""
         return cls(full={int(g): float(t) for g, t in data["full"].items()}, level={k: float(v) for k, v in data["level"].items()},
                    step_overhead=float(data["step_overhead"]), call_overhead=float(data["call_overhead"]),
-                   flops={k: float(v) for k, v in data.get("flops", {}).items()}, info=data.get("info", {}))
+                   flops={k: float(v) for k, v in data.get("flops", {}).items()}, info=data.get("info", {}),
+                   flop_curve={k: [float(x) for x in v] for k, v in data.get("flop_curve", {}).items()})
+
+    def call_flops(self, level: str, sample_shape) -> float:
+        """FLOPs of one call at ``level`` on a sample of ``sample_shape`` (rows, channels, height, width), from the curve."""
+        c, a, b = self.flop_curve[level]
+        pixels = float(np.prod(sample_shape[2:]))
+        return sample_shape[0] * (c + a * pixels + b * pixels**2)
+
+    def predicted(self, sample_shape) -> "CostModel":
+        """This cost model carried to another batch or size without timing anything: each call's seconds times its
+        FLOPs there over here (this device's throughput at this shape, level by level), FLOPs from ``flop_curve``.
+        The step's work outside the UNet is kept; the call's (prompt encoding, VAE decode) scales with the images'
+        pixels. A compute-bound device is predicted exactly; an idle one runs small calls faster than their FLOPs
+        say, so a prediction from a larger shape is pessimistic and one from a smaller shape optimistic."""
+        here = self.info["sample_shape"]
+        scale = {level: self.call_flops(level, sample_shape) / self.call_flops(level, here) for level in self.flop_curve}
+        decoder = self.flops.get(ENCODER, 0.0)  # a full group's other decoders
+
+        def group(g: int) -> float:
+            before = self.flops[FULL] + (g - 1) * decoder
+            after = self.flops[FULL] * scale[FULL] + (g - 1) * decoder * scale.get(ENCODER, 0.0)
+            return after / before
+
+        pixels = float(np.prod(sample_shape[:1]) * np.prod(sample_shape[2:])) / float(np.prod(here[:1]) * np.prod(here[2:]))
+        return CostModel(
+            full={g: t * group(g) for g, t in self.full.items()},
+            level={level: t * scale[level] for level, t in self.level.items()},
+            step_overhead=self.step_overhead,
+            call_overhead=self.call_overhead * pixels,
+            flops={level: f * scale[level] for level, f in self.flops.items()},
+            info={**self.info, "sample_shape": list(sample_shape), "predicted_from": list(here)},
+            flop_curve=self.flop_curve,
+        )
 
     def full_group(self, g: int) -> float:
         """A full step with g decoders: the measured sizes, linear between them and past the largest."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -47,9 +49,32 @@ GENERIC_PROMPTS = (
     "a close-up portrait of an old fisherman, detailed skin, 85mm",
     "a cozy living room with a fireplace, interior design magazine",
 )
+#: What setup may spend calibrating weights that ship no calibration, in stock images of the default sampler at the
+#: native size, the warm-up included (``FASTER_DIFFUSION_SETUP_BUDGET``: a number >= 8, or "thorough").
+SETUP_BUDGET = 30.0
+#: Of it, what the warm-up takes (one planned image and the cost model timed at the default batch; measured
+#: 1.9 stock images on the bundled model, docs/operations.md): the calibration gets the rest.
+WARM_UP_IMAGES = 3.0
 CALIBRATION_SEED = 10_000  # prompt k uses seed CALIBRATION_SEED + k, apart from users' usual small seeds
 GUIDANCE_SCALE = 7.5
 MAX_IN_MEMORY = 64  # derived / first-use calibrations kept in memory (each at most 150x150 costs, ~180 KB)
+
+
+def setup_budget() -> float | None:
+    """The stock images setup may spend calibrating (``FASTER_DIFFUSION_SETUP_BUDGET``), None for "thorough"."""
+    value = os.environ.get("FASTER_DIFFUSION_SETUP_BUDGET", "").strip()
+    if not value:
+        return SETUP_BUDGET
+    if value.lower() == "thorough":
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    least = WARM_UP_IMAGES + faster_diffusion.calibration.MIN_COMPUTE_BUDGET + 1
+    if not budget >= least or not math.isfinite(budget):
+        raise ValueError(f"FASTER_DIFFUSION_SETUP_BUDGET={value!r} must be a number >= {least:g} (stock images) or 'thorough'")
+    return budget
 
 
 def calibration_prompts(model_dir) -> list[str]:
@@ -82,13 +107,15 @@ def service_scheduler(pipe, scheduler_name: str, base_config=None):
 
 
 def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts, base_config=None,
-              plans: bool = False) -> faster_diffusion.Calibration:
+              plans: bool = False, compute_budget: float | None = None) -> faster_diffusion.Calibration:
     """One stock run of ``prompts`` with the service's scheduler ``scheduler_name``, seeds from CALIBRATION_SEED;
-    with ``plans``, also the error model of plans, scaled on outputs (``faster_diffusion.validate_plan``)."""
+    with ``plans``, also the error model of plans, scaled on outputs (``faster_diffusion.validate_plan``):
+    thorough, or within ``compute_budget`` stock images (``faster_diffusion.calibrate``)."""
     kwargs = dict(height=height, width=width, guidance_scale=GUIDANCE_SCALE)
     with service_scheduler(pipe, scheduler_name, base_config):
-        calibration = faster_diffusion.calibrate(pipe, prompts, steps, seeds=seeds(prompts), plans=plans, **kwargs)
-        if plans:
+        calibration = faster_diffusion.calibrate(pipe, prompts, steps, seeds=seeds(prompts), plans=plans,
+                                                 compute_budget=compute_budget, **kwargs)
+        if plans and compute_budget is None:
             faster_diffusion.validate_plan(pipe, calibration, **kwargs)
     calibration.info["service_scheduler"] = scheduler_name
     calibration.info["seeds"] = seeds(prompts)

@@ -1,9 +1,10 @@
 """The planner's cost models, kept in the cache directory: a restarted server plans as before it stopped.
 
-The accelerator measures a cost model per sample shape, dtype and device on first use
-(``faster_diffusion.plan``); that is most of what a new setting's first request costs over its
-repeat. The entries are keyed by the weights (``cache.weights_identity``) and the device (its name
-and the torch threads), so another card or CPU measures its own.
+The accelerator measures one cost model per dtype and device, at setup's warm-up (the default request's
+batch and size), with the FLOP curve of its levels; a request of another batch or size gets its cost
+model predicted from it (``CostModel.predicted``), nothing timed on the request path. The entries are
+keyed by the weights (``cache.weights_identity``) and the device (its name and the torch threads), so
+another card or CPU measures its own.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class CostModelStore:
             try:
                 shape, dtype, device, guided = data["key"]  # files keyed without `guided` are measured again
                 key = (tuple(shape), dtype, device, bool(guided))
-                self.models.setdefault(key, CostModel.from_dict(data["model"]))
+                model = CostModel.from_dict(data["model"])
+                if not model.flop_curve and "predicted_from" not in model.info:
+                    raise KeyError("flop_curve (measured before other shapes were predicted from it)")
+                self.models.setdefault(key, model)
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 logger.warning("cache: skipping %s: not a cost model (%s)", path, err)
         self.saved = dict(self.models)

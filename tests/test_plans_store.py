@@ -16,7 +16,8 @@ KEY = ((2, 4, 8, 8), "torch.float32", "cpu", True)
 def cost_model() -> CostModel:
     return CostModel(full={1: 0.02, 2: 0.03, 4: 0.04, 8: 0.06}, level={"encoder": 0.014, "shallow": 0.009, "deep": 0.003},
                      step_overhead=0.002, call_overhead=0.011, flops={"full": 1e8, "encoder": 7e7, "shallow": 4e7, "deep": 1.4e7},
-                     info={"device": "cpu"})
+                     info={"device": "cpu", "sample_shape": list(KEY[0])},
+                     flop_curve={level: [1e5, 1e6, 1e3] for level in ("full", "encoder", "shallow", "deep")})
 
 
 def test_cost_models_survive_a_restart_and_bad_files_are_skipped(caplog):
@@ -28,13 +29,15 @@ def test_cost_models_survive_a_restart_and_bad_files_are_skipped(caplog):
     (store.cache.folder / "junk.json").write_text("{not json")
     unkeyed = {"key": [list(KEY[0]), *KEY[1:3]], "model": cost_model().to_dict()}  # keyed before `guided`
     (store.cache.folder / "unkeyed.json").write_text(json.dumps(unkeyed))
+    uncurved = {"key": [[2, 4, 16, 16], *KEY[1:]], "model": {**cost_model().to_dict(), "flop_curve": {}}}  # nothing to predict from
+    store.cache.put("uncurved", uncurved)
     restarted = tiny_unet()  # a new process: a new UNet object, an empty dictionary
     with caplog.at_level(logging.WARNING):
         loaded = CostModelStore(restarted, "weights-a", "cpu").models
     assert loaded[KEY] == cost_model() and faster_diffusion.cost_models(restarted) is loaded
     assert loaded.keys() == {KEY}
     warnings = " ".join(record.getMessage() for record in caplog.records)
-    assert "junk.json" in warnings and "unkeyed.json" in warnings
+    assert "junk.json" in warnings and "unkeyed.json" in warnings and "uncurved.json: not a cost model ('flop_curve (measured before" in warnings
     assert CostModelStore(tiny_unet(), "weights-b", "cpu").models == {}  # other weights: their own
 
 

@@ -575,10 +575,12 @@ def test_setup_without_weights_falls_back_to_the_bundled_model_with_a_warning(mo
     assert predictor.weights.path.name == "tiny-shapes"
 
 
-def test_setup_calibration_is_validated_on_outputs(monkeypatch, tmp_path):
-    """A model without shipped calibrations is calibrated at setup() for the defaults, and that
-    calibration's key_steps="auto" is checked on outputs (faster_diffusion.validate)."""
+def test_setup_calibrates_within_its_budget_and_validates_plans_on_outputs(monkeypatch, tmp_path):
+    """A model without shipped calibrations is calibrated at setup() for the defaults, within the setup budget
+    (FASTER_DIFFUSION_SETUP_BUDGET less the warm-up's share), its plan="auto" checked on outputs."""
     from conftest import build_tiny_random_pipeline
+
+    from service.calibrations import SETUP_BUDGET, WARM_UP_IMAGES
 
     monkeypatch.setenv("COG_WEIGHTS", str(build_tiny_random_pipeline(tmp_path / "model")))
     from predict import Predictor
@@ -586,10 +588,11 @@ def test_setup_calibration_is_validated_on_outputs(monkeypatch, tmp_path):
     predictor = Predictor()
     predictor.setup()
     (calibration,) = predictor.calibrations
-    assert calibration.info["source"] == "calibrated at setup" and calibration.info["service_scheduler"] == "DDIM"
-    report = calibration.info["validation"]
-    assert calibration.validated == report["key_steps"] == calibration.schedule()
+    assert calibration.info["source"] == f"calibrated at setup within {SETUP_BUDGET - WARM_UP_IMAGES:g} stock images"
+    assert calibration.info["service_scheduler"] == "DDIM" and calibration.info["spent"] <= SETUP_BUDGET - WARM_UP_IMAGES
+    report = calibration.error_model.info["validation"]
     assert report["seeds"] == [10_000 + k for k in range(len(report["prompts"]))]  # the service's fixed seeds
+    assert report["plan"].startswith("F")
     # it is cached: a restart on the same weights finds it instead of calibrating again
     restarted = Predictor()
     restarted.setup()
@@ -604,6 +607,32 @@ def test_setup_calibration_is_validated_on_outputs(monkeypatch, tmp_path):
     derived, how = predictor.store.for_run("EulerDiscrete", euler, calibration.latent_size)
     assert how.startswith("derived in ") and derived.scheduler == "EulerDiscreteScheduler"
     assert "another sampler" in derived.info["source"] and derived.schedule()[0] == 0
+
+
+def test_a_thorough_setup_also_validates_the_key_steps(monkeypatch, tmp_path):
+    """FASTER_DIFFUSION_SETUP_BUDGET=thorough: the calibration of script/calibrate, key_steps="auto" checked on
+    outputs (faster_diffusion.validate) too."""
+    from conftest import build_tiny_random_pipeline
+
+    monkeypatch.setenv("COG_WEIGHTS", str(build_tiny_random_pipeline(tmp_path / "model")))
+    monkeypatch.setenv("FASTER_DIFFUSION_SETUP_BUDGET", "thorough")
+    from predict import Predictor
+
+    predictor = Predictor()
+    predictor.setup()
+    (calibration,) = predictor.calibrations
+    assert calibration.info["source"] == "calibrated at setup" and "spent" not in calibration.info
+    report = calibration.info["validation"]
+    assert calibration.validated == report["key_steps"] == calibration.schedule()
+
+
+@pytest.mark.parametrize("bad", ["5", "-1", "lots", "nan"])
+def test_a_bad_setup_budget_fails_setup_naming_the_variable(monkeypatch, bad):
+    monkeypatch.setenv("FASTER_DIFFUSION_SETUP_BUDGET", bad)
+    from predict import Predictor
+
+    with pytest.raises(ValueError, match=r"FASTER_DIFFUSION_SETUP_BUDGET='.*' must be a number >= 8 \(stock images\) or 'thorough'"):
+        Predictor().setup()
 
 
 def test_script_generate_rejects_out_of_bounds_input():
