@@ -208,8 +208,9 @@ class Predictor(BaseRunner):
             le=0.1,
         ),
         lora_weights: str = Input(
-            description="A LoRA to apply to this prediction only: a URL (http, https, file) or a local path of a "
-            ".safetensors file in diffusers or kohya format. Each URL is downloaded once and cached. Empty: no LoRA.",
+            description="A LoRA to apply to this prediction only: an http(s) URL of a .safetensors file in diffusers or "
+            "kohya format, downloaded once and cached (public hosts only, up to the server's size and time limits). "
+            "Local paths only where the server's operator opens a directory. Empty: no LoRA.",
             default="",
         ),
         lora_scale: float = Input(

@@ -10,6 +10,9 @@ the same weights copied elsewhere keep their entries and other weights never rea
 folder is bounded in bytes (``FASTER_DIFFUSION_CACHE_MAX_MB``, default 64): writing drops the
 oldest entries first. A file that cannot be read, is not an entry, or belongs to other weights
 is skipped with a log line; reading never fails a prediction.
+
+The ``lora_weights`` downloads in ``<cache>/lora/`` have a bound of their own
+(``FASTER_DIFFUSION_LORA_CACHE_MAX_MB``, ``service.lora``), kept by the same ``trim_folder``.
 """
 
 from __future__ import annotations
@@ -60,13 +63,37 @@ def weights_identity(model_dir) -> str:
     return digest.hexdigest()[:16]
 
 
-def max_bytes() -> int:
-    raw = os.environ.get("FASTER_DIFFUSION_CACHE_MAX_MB", "")
+def env_number(name: str, default: float) -> float:
+    """The number in environment variable ``name``, else ``default`` (logged when it is not a number)."""
+    raw = os.environ.get(name, "")
     try:
-        return int(float(raw) * 2**20) if raw else DEFAULT_MAX_MB * 2**20
+        return float(raw) if raw else default
     except ValueError:
-        logger.warning("FASTER_DIFFUSION_CACHE_MAX_MB=%r is not a number; using %d", raw, DEFAULT_MAX_MB)
-        return DEFAULT_MAX_MB * 2**20
+        logger.warning("%s=%r is not a number; using %g", name, raw, default)
+        return default
+
+
+def max_bytes() -> int:
+    return int(env_number("FASTER_DIFFUSION_CACHE_MAX_MB", DEFAULT_MAX_MB) * 2**20)
+
+
+def trim_folder(folder: Path, pattern: str, limit: int, keep: Path | None = None) -> list[Path]:
+    """Removes the oldest files matching ``pattern`` (by modification time) until ``folder`` is within
+    ``limit`` bytes; ``keep`` (the file just written) stays whatever its size."""
+    files = sorted(Path(folder).glob(pattern), key=_mtime)
+    total = sum(_size(p) for p in files)
+    dropped = []
+    for oldest in files:
+        if total <= limit:
+            break
+        if oldest == keep:
+            continue
+        total -= _size(oldest)
+        oldest.unlink(missing_ok=True)
+        dropped.append(oldest)
+    if dropped:
+        logger.info("cache: dropped %d oldest entries of %s to stay within %d bytes", len(dropped), folder, limit)
+    return dropped
 
 
 class JsonCache:
@@ -125,17 +152,7 @@ class JsonCache:
 
     def trim(self) -> list[Path]:
         """Removes the oldest entries (by modification time) until the folder is within the limit."""
-        files = sorted(self.folder.glob("*.json"), key=_mtime)
-        total = sum(_size(p) for p in files)
-        dropped = []
-        while files and total > self.limit:
-            oldest = files.pop(0)
-            total -= _size(oldest)
-            oldest.unlink(missing_ok=True)
-            dropped.append(oldest)
-        if dropped:
-            logger.info("cache: dropped %d oldest entries of %s to stay within %d bytes", len(dropped), self.folder, self.limit)
-        return dropped
+        return trim_folder(self.folder, "*.json", self.limit)
 
 
 def _mtime(path: Path) -> float:

@@ -114,7 +114,8 @@ def find_pipeline_dir(root: Path, source: str) -> Path:
 
 
 def download(url: str, dest) -> None:
-    """Writes what ``url`` (http, https or file) holds to ``dest``; raises OSError or ValueError."""
+    """Writes what ``url`` (http, https or file) holds to ``dest``; raises OSError or ValueError.
+    For the operator's own URL (``COG_WEIGHTS``) only: what a client names goes through ``service.fetch``."""
     with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
         shutil.copyfileobj(response, out, length=1 << 20)
 

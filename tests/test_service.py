@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, weights: Path, log_path: Path):
+    def __init__(self, weights: Path, log_path: Path, environ: dict | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -63,6 +63,7 @@ class Server:
             # One intra-op thread: on a 2-core machine shared with other jobs torch's thread pool
             # oversubscribes and a 0.5 s prediction takes a minute.
             OMP_NUM_THREADS="1",
+            **(environ or {}),
         )
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -120,8 +121,11 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory):
-    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+def server(model_dir, tmp_path_factory, lora_file):
+    # lora_weights as an operator would open them: URLs of the loopback test server (lora_server), and
+    # paths inside the LoRA's own directory (service/lora.py; tests/test_lora_security.py for the refusals)
+    environ = {"FASTER_DIFFUSION_ALLOW_HOSTS": "127.0.0.1", "FASTER_DIFFUSION_LORA_DIR": str(lora_file.parent)}
+    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log", environ)
     try:
         health = srv.wait_until_setup_done()
         assert health["status"] == "READY", f"{health}\n{srv.log_tail()}"
@@ -373,10 +377,13 @@ def test_schema_violations_are_422(server, inputs, field):
         ({"image": data_uri(PICTURE), "mask": data_uri(LEFT_HALF.resize((64, 64)))}, "mask"),  # mismatched sizes
         ({"image": data_uri(PICTURE), "prompt_strength": 0.1}, "prompt_strength"),  # no step left
         ({"image": data_uri(PICTURE), "key_steps": "0,1,6"}, "key_steps"),  # only int(8 x 0.8) = 6 steps run
-        ({"lora_weights": str(ROOT / "no-such-lora.safetensors")}, "lora_weights"),  # missing file
-        ({"lora_weights": (ROOT / "no-such-lora.safetensors").as_uri()}, "lora_weights"),  # missing file:// URL
-        ({"lora_weights": str(ROOT / "README.md")}, "lora_weights"),  # not a safetensors file
-        ({"lora_weights": "http://127.0.0.1:9/lora.safetensors"}, "lora_weights"),  # the download fails
+        ({"lora_weights": str(ROOT / "no-such-lora.safetensors")}, "lora_weights"),  # a path outside FASTER_DIFFUSION_LORA_DIR
+        ({"lora_weights": (ROOT / "no-such-lora.safetensors").as_uri()}, "lora_weights"),  # a file:// URL outside it
+        ({"lora_weights": "/etc/passwd"}, "lora_weights"),  # an existing file outside it
+        ({"lora_weights": "no-such-lora.safetensors"}, "lora_weights"),  # missing inside it
+        ({"lora_weights": "README.md"}, "lora_weights"),  # inside it, not a safetensors file
+        ({"lora_weights": "http://127.0.0.1:9/lora.safetensors"}, "lora_weights"),  # allowed, the download fails
+        ({"lora_weights": "http://127.0.0.2:9/lora.safetensors"}, "lora_weights"),  # loopback not allowed: no connection
     ],
 )
 def test_semantic_errors_fail_the_prediction_and_name_the_field(server, inputs, field):
@@ -415,15 +422,24 @@ def lora_file(model_dir, tmp_path_factory) -> Path:
     return out / "pytorch_lora_weights.safetensors"
 
 
+@pytest.fixture(scope="session")
+def lora_server(lora_file):
+    """The LoRA at http://127.0.0.1:<port>/lora.safetensors (the server allows 127.0.0.1); tests add routes."""
+    from test_lora_security import FileServer
+
+    with FileServer({"/lora.safetensors": lora_file.read_bytes()}) as files:
+        yield files
+
+
 def colours(body: dict) -> list[str | None]:
     from faster_diffusion.quality.shapes import detect
 
     return [detect(image, extra_colours=ORANGE).colour for image in decode_images(body["output"])]
 
 
-@pytest.mark.parametrize("as_url", [True, False], ids=["file-url", "path"])
-def test_lora_draws_orange(server, model_dir, lora_file, as_url):
-    source = lora_file.as_uri() if as_url else str(lora_file)
+@pytest.mark.parametrize("as_url", [True, False], ids=["url", "path"])
+def test_lora_draws_orange(server, model_dir, lora_file, lora_server, as_url):
+    source = lora_server.url("/lora.safetensors") if as_url else str(lora_file)
     inputs = dict(prompt=ORANGE_PROMPT, seed=3, num_outputs=2)  # 50 DDIM steps, plan="auto": the defaults
     with_lora = ok(server.predict(lora_weights=source, **inputs))
     assert f"lora_weights={source!r} lora_scale=1.0" in with_lora["logs"], with_lora["logs"]
@@ -460,36 +476,35 @@ def test_lora_does_not_leak_into_the_next_prediction(server, lora_file):
     assert np.array_equal(images(ok(server.predict(**inputs)))[0], fresh[0])
 
 
-def test_a_safetensors_file_that_is_not_a_lora_fails_and_leaves_the_model_alone(server, tmp_path):
+def test_a_safetensors_file_that_is_not_a_lora_fails_and_leaves_the_model_alone(server, lora_server):
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = tmp_path / "not-a-lora.safetensors"
-    save_file({"some.weight": torch.ones(3, 3)}, str(path))
+    lora_server.routes["/not-a-lora.safetensors"] = save({"some.weight": torch.ones(3, 3)})
     inputs = dict(prompt=PROMPT, seed=22, **SMALL)
     fresh = decode_images(ok(server.predict(**inputs))["output"])[0]
     started = time.monotonic()
-    body = server.predict(lora_weights=str(path), **inputs).json()
+    body = server.predict(lora_weights=lora_server.url("/not-a-lora.safetensors"), **inputs).json()
     assert body["status"] == "failed" and "lora_weights" in body["error"], body
     assert time.monotonic() - started < 10, "validation must happen before sampling"
     after = decode_images(ok(server.predict(**inputs))["output"])[0]
     assert np.array_equal(np.asarray(after), np.asarray(fresh))
 
 
-def test_lora_urls_are_downloaded_once(lora_file, tmp_path):
-    import shutil
+def test_lora_urls_are_downloaded_once(lora_file, tmp_path, monkeypatch):
+    from test_lora_security import FileServer
 
     from service.lora import resolve_lora
 
-    source = tmp_path / "served.safetensors"
-    shutil.copy(lora_file, source)
-    first = resolve_lora(source.as_uri(), dest_root=tmp_path / "cache")
-    assert first.read_bytes() == lora_file.read_bytes() and tmp_path / "cache" in first.parents
-    source.unlink()  # the cached copy serves the next prediction
-    assert resolve_lora(source.as_uri(), dest_root=tmp_path / "cache") == first
-    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="lora_weights.*not a safetensors file"):
-        resolve_lora((tmp_path / "bad.safetensors").as_uri(), dest_root=tmp_path / "cache")
+    monkeypatch.setenv("FASTER_DIFFUSION_ALLOW_HOSTS", "127.0.0.1")
+    with FileServer({"/served.safetensors": lora_file.read_bytes(), "/bad.safetensors": b"not safetensors"}) as files:
+        first = resolve_lora(files.url("/served.safetensors"), dest_root=tmp_path / "cache")
+        assert first.read_bytes() == lora_file.read_bytes() and tmp_path / "cache" in first.parents
+        del files.routes["/served.safetensors"]  # the cached copy serves the next prediction
+        assert resolve_lora(files.url("/served.safetensors"), dest_root=tmp_path / "cache") == first
+        with pytest.raises(ValueError, match="lora_weights.*not a safetensors file"):
+            resolve_lora(files.url("/bad.safetensors"), dest_root=tmp_path / "cache")
+    assert files.seen == ["/served.safetensors", "/bad.safetensors"]
     assert sorted(p.name for p in (tmp_path / "cache" / "lora").iterdir()) == [first.name]  # a bad download is not kept
 
 
