@@ -10,6 +10,11 @@ loopback port and forwards every request to it byte for byte, except that it
   fails (a NUL byte, a name over 255 bytes) the prediction slot is never freed and every later
   prediction gets 409 for the life of the process; an id such as ``../../x`` makes directories
   outside its own (docs/service.md);
+* fetches the URL of a file input (``image``, ``mask``: ``FILE_INPUTS``) itself, by ``service.fetch``'s
+  rules (public addresses only unless ``FASTER_DIFFUSION_ALLOW_HOSTS`` lists the host, every redirect
+  checked, at most ``IMAGE_LIMITS``), and hands coglet the file as a ``data:`` URI. coglet 0.23.1 would
+  fetch any ``http(s)://`` URL itself, loopback and redirects included, and would read any other
+  string as a path on the server; those are refused with HTTP 422 naming the input (docs/service.md);
 * restarts coglet when it logs that a prediction slot is lost (dropped while in use, or poisoned):
   the same wedge from any other cause, a full disk say. Requests meanwhile get 503;
 * starts coglet (and so its worker) with ``service.memory.WORKER_ENVIRONMENT`` for what the
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import re
@@ -32,6 +39,7 @@ import socket
 import sys
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from service.fetch import FetchError, Limits, fetch
 from service.memory import worker_environment
 
 VALID_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
@@ -44,6 +52,9 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a new prediction's JSON body is read whole to check its "id"
 HEAD_TIMEOUT = 60  # seconds to send the request line and headers
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection"}
+FILE_INPUTS = ("image", "mask")  # the predictor's Path inputs (format "uri" in .cog/openapi_schema.json)
+IMAGE_LIMITS = Limits(max_bytes=50 * 2**20, seconds=60)  # an image URL; a data: URI is bounded by MAX_BODY
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 
 
 def free_port() -> int:
@@ -75,15 +86,53 @@ def bad_body_id(body: bytes) -> str | None:
     return None
 
 
+class InputRefused(ValueError):
+    """A file input the guard does not pass on to coglet; the message starts with the input's name."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+def inline_file_inputs(body: bytes) -> bytes:
+    """The body of a new prediction as coglet gets it: each file input's ``http(s)://`` URL fetched here
+    and replaced by a ``data:`` URI; ``data:`` URIs kept; anything else (a path on the server, ``file://``)
+    refused (``InputRefused``). The body is always written out again from what was checked, so coglet
+    cannot read a duplicate key differently. Call it on a body ``bad_body_id`` passed."""
+    request = json.loads(body)
+    inputs = request.get("input") if isinstance(request, dict) else None
+    if isinstance(inputs, dict):
+        for field in FILE_INPUTS:
+            value = inputs.get(field)
+            if not isinstance(value, str):  # unset, or not a string: coglet's own validation answers
+                continue
+            scheme = urlsplit(value).scheme  # what cog.types.Path.validate reads
+            if scheme in ("http", "https"):
+                inputs[field] = fetched_data_uri(field, value)
+            elif scheme != "data":
+                raise InputRefused(field, "this server takes only data: URIs and http:// or https:// URLs")
+    return json.dumps(request).encode()
+
+
+def fetched_data_uri(field: str, url: str) -> str:
+    out = io.BytesIO()
+    try:
+        media_type = fetch(url, out, IMAGE_LIMITS).split(";")[0].strip()
+    except FetchError as err:
+        raise InputRefused(field, f"{url[:200]!r}: {err}") from None
+    media_type = media_type if MEDIA_TYPE.fullmatch(media_type) else "application/octet-stream"
+    return f"data:{media_type};base64,{base64.b64encode(out.getvalue()).decode()}"
+
+
 def response(status: str, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
     head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
     return head.encode() + body
 
 
-def refusal(location: str, message: str) -> bytes:
+def refusal(loc: list[str], message: str) -> bytes:
     """A 422 in the shape of the schema's HTTPValidationError."""
-    return response("422 Unprocessable Entity", {"detail": [{"loc": [location, "id"], "msg": message, "type": "value_error"}]})
+    return response("422 Unprocessable Entity", {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]})
 
 
 class Guard:
@@ -168,7 +217,7 @@ class Guard:
         path = urlsplit(target).path
         headers = [line for line in header_lines if line.split(b":", 1)[0].strip().lower() not in HOP_BY_HOP]
         if bad_path_id(path):
-            writer.write(refusal("path", f"prediction id must match {VALID_ID.pattern.decode()}"))
+            writer.write(refusal(["path", "id"], f"prediction id must match {VALID_ID.pattern.decode()}"))
             return await writer.drain()
 
         body = b""
@@ -178,8 +227,15 @@ class Guard:
                 writer.write(response("413 Content Too Large", {"error": f"a prediction body is at most {MAX_BODY} bytes"}))
                 return await writer.drain()
             if why := bad_body_id(body):
-                writer.write(refusal("body", why))
+                writer.write(refusal(["body", "id"], why))
                 return await writer.drain()
+            try:  # in a thread: the guard keeps answering while it downloads
+                body = await asyncio.to_thread(inline_file_inputs, body)
+            except InputRefused as error:
+                writer.write(refusal(["body", "input", error.field], str(error)))
+                return await writer.drain()
+            headers = [line for line in headers if not line.lower().startswith(b"content-length:")]
+            headers.append(b"Content-Length: %d" % len(body))
 
         try:
             if self.restarting:

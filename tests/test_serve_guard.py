@@ -8,6 +8,9 @@ the real entry point on a free loopback port with the bundled model (or conftest
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import re
 import time
@@ -15,12 +18,25 @@ import time
 import pytest
 import requests
 from conftest import ROOT, Served, entry_point
+from PIL import Image
+from test_lora_security import SETTINGS, FileServer, no_connections, resolving  # noqa: F401 (a fixture)
 
-from service.serve import bad_body_id, bad_path_id
+from service.serve import FILE_INPUTS, InputRefused, bad_body_id, bad_path_id, inline_file_inputs
 
 STARTUP_TIMEOUT = 240  # seconds; torch and diffusers import slowly on a busy 2-core machine
 RECOVERY_TIMEOUT = 90  # what an operator can expect: a normal prediction within 90 s of the bad request
 SMALL = {"prompt": "a red square in the center", "num_inference_steps": 4, "seed": 3}
+ALLOW_HOSTS = "FASTER_DIFFUSION_ALLOW_HOSTS"
+
+
+def png(size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), "white").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_uri(raw: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(raw).decode()}"
 
 
 @pytest.mark.parametrize(
@@ -63,6 +79,78 @@ def test_body_ids(body, bad):
     assert (bad_body_id(body) is not None) is bad
 
 
+# ---------------------------------------------------------------------------------------------------------
+# image and mask: coglet would fetch their URLs itself (any address) and read any other string as a server path
+
+
+def test_file_inputs_are_the_schemas_uri_inputs():
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    inputs = schema["components"]["schemas"]["Input"]["properties"]
+    assert set(FILE_INPUTS) == {name for name, spec in inputs.items() if spec.get("format") == "uri"}
+
+
+@pytest.fixture
+def default_environment(monkeypatch):
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def request_body(**inputs) -> bytes:
+    return json.dumps({"input": {**SMALL, **inputs}}).encode()
+
+
+@pytest.mark.parametrize("field", FILE_INPUTS)
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "0x7f000001"])
+def test_file_input_urls_to_loopback_are_refused_without_a_connection(default_environment, no_connections, field, host):
+    with FileServer({"/img.png": png()}) as files:
+        with pytest.raises(InputRefused, match=f"^{field}: .*does not resolve to a public address") as refused:
+            inline_file_inputs(request_body(**{field: files.url("/img.png", host=host)}))
+    assert refused.value.field == field and files.seen == []
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "10.0.0.1"])
+def test_file_input_urls_to_private_names_are_refused_without_a_connection(default_environment, no_connections, monkeypatch, address):
+    resolving(monkeypatch, {"private.test": address})
+    with pytest.raises(InputRefused, match="^image: .*does not resolve to a public address"):
+        inline_file_inputs(request_body(image="http://private.test/img.png"))
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "/nonexistent/x.png", "weights/x.png", "file:///etc/passwd", "ftp://example.com/x.png"])
+def test_file_inputs_that_are_not_urls_are_refused_alike(default_environment, value):
+    for field in FILE_INPUTS:
+        with pytest.raises(InputRefused) as refused:
+            inline_file_inputs(request_body(**{field: value}))
+        assert str(refused.value) == f"{field}: this server takes only data: URIs and http:// or https:// URLs"
+
+
+def test_data_uris_pass_and_allowed_urls_are_sent_on_as_data_uris(monkeypatch):
+    monkeypatch.setenv(ALLOW_HOSTS, "127.0.0.1")
+    picture = png()
+
+    def typed(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(picture)))
+        handler.end_headers()
+        handler.wfile.write(picture)
+
+    with FileServer(host="127.0.0.2") as other, FileServer({"/img.png": typed, "/raw": picture}) as files:
+        files.routes.update({"/moved": ("redirect", "/img.png"), "/away": ("redirect", other.url("/img.png"))})
+        body = json.loads(inline_file_inputs(request_body(image=files.url("/moved"), mask=files.url("/raw"))))
+        assert body["input"]["image"] == data_uri(picture)
+        assert body["input"]["mask"] == data_uri(picture, "application/octet-stream")
+        assert {k: v for k, v in body["input"].items() if k not in FILE_INPUTS} == SMALL
+        with pytest.raises(InputRefused, match=r"^image: .*'127\.0\.0\.2' does not resolve to a public address"):
+            inline_file_inputs(request_body(image=files.url("/away")))
+    assert other.seen == []
+    kept = request_body(image=data_uri(picture), mask=None)
+    assert json.loads(inline_file_inputs(kept)) == json.loads(kept)
+    # the body coglet gets is the one checked: a duplicate key cannot carry another URL past the guard
+    duplicate = b'{"input": {"image": "http://127.0.0.2/x.png", "image": "DATA"}, "input": {"prompt": "x"}}'
+    assert json.loads(inline_file_inputs(duplicate)) == {"input": {"prompt": "x"}}
+    assert inline_file_inputs(duplicate).count(b"127.0.0.2") == 0
+
+
 def test_make_serve_and_the_docker_image_run_the_guard():
     makefile = (ROOT / "Makefile").read_text()
     serve = re.search(r"^serve:.*?(?=^\S|\Z)", makefile, re.M | re.S)[0]
@@ -80,6 +168,8 @@ def served(model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cache = str(log_path.parent / "cache")
     environ = dict(os.environ, COG_WEIGHTS=str(model_dir), FASTER_DIFFUSION_CACHE=cache, OMP_NUM_THREADS="1")  # see tests/test_service.py
+    for name in SETTINGS:  # the default environment: no host allowed, no LoRA directory
+        environ.pop(name, None)
     with entry_point(ROOT, log_path, environ, STARTUP_TIMEOUT) as server:
         yield server
 
@@ -120,3 +210,29 @@ def test_a_wedged_coglet_is_restarted(served):
     predict(served)
     assert time.monotonic() - started < RECOVERY_TIMEOUT
     assert "restarting it" in served.log()
+
+
+def test_file_input_urls_to_loopback_do_not_reach_it(served):
+    with FileServer({"/img.png": png()}) as files:
+        for field, host in [("image", "127.0.0.1"), ("mask", "localhost"), ("image", "0x7f000001"), ("mask", "[::1]")]:
+            inputs = {**SMALL, "image": data_uri(png()), field: files.url("/img.png", host=host)}
+            refused = requests.post(f"{served.url}/predictions", json={"input": inputs}, timeout=60)
+            assert refused.status_code == 422, refused.text
+            (detail,) = refused.json()["detail"]
+            assert detail["loc"] == ["body", "input", field] and detail["msg"].startswith(f"{field}: "), detail
+        refused = requests.post(f"{served.url}/predictions", json={"input": {**SMALL, "image": "/etc/passwd"}}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "input", "image"], refused.text
+    assert files.seen == []
+    assert predict(served)["status"] == "succeeded"
+    img2img = predict(served, input={**SMALL, "image": data_uri(png()), "prompt_strength": 0.5})
+    assert img2img["output"][0].startswith("data:image/png;base64,")
+
+
+def test_an_allowed_image_url_is_fetched_by_the_guard_and_used(model_dir, tmp_path):
+    environ = dict(os.environ, COG_WEIGHTS=str(model_dir), FASTER_DIFFUSION_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    environ.update({ALLOW_HOSTS: "127.0.0.1"})
+    with FileServer({"/img.png": png()}) as files, entry_point(ROOT, tmp_path / "serve.log", environ, STARTUP_TIMEOUT) as server:
+        from_url = predict(server, input={**SMALL, "image": files.url("/img.png"), "prompt_strength": 0.5})
+        from_data = predict(server, input={**SMALL, "image": data_uri(png()), "prompt_strength": 0.5})
+    assert files.seen == ["/img.png"]
+    assert from_url["output"] == from_data["output"]  # the same picture, whichever way it came
