@@ -8,7 +8,9 @@ the server says READY, to a server it starts (``python -m service.serve``, the e
 
 * a ``--new`` fraction with a (scheduler, steps, size) the server has not seen (first use: it may
   calibrate on the request path), the rest repeating a setting already sent;
-* a ``--lora`` fraction with ``lora_weights`` (default: the bundled orange LoRA for tiny-shapes);
+* a ``--lora`` fraction with ``lora_weights`` (default: the bundled orange LoRA for tiny-shapes). A
+  file is served from a loopback HTTP server of its own, as a client's URL would be fetched; the
+  server it starts allows 127.0.0.1 (``FASTER_DIFFUSION_ALLOW_HOSTS``), a ``--url`` server must too;
 * an ``--img2img`` fraction with an ``image`` (a generated picture, as a data URI).
 
 Schedulers and bounds come from the server's own /openapi.json. Prints p50/p95 latency overall and
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import functools
+import http.server
 import io
 import json
 import os
@@ -122,10 +126,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve_file(path: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """An HTTP server on 127.0.0.1 (in a thread) for ``path``'s folder, and the URL of ``path`` on it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(path.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+
+
 def start_server(weights: str | None, threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port), OMP_NUM_THREADS=str(threads))
+               COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port), OMP_NUM_THREADS=str(threads),
+               FASTER_DIFFUSION_ALLOW_HOSTS="127.0.0.1")  # the LoRA's loopback server (serve_file)
     if weights:
         env["COG_WEIGHTS"] = weights
     proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--host", "127.0.0.1"], cwd=ROOT, env=env,
@@ -171,7 +188,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--new", type=float, default=0.25, help="fraction of requests with a setting not sent before")
     parser.add_argument("--lora", type=float, default=0.25, help="fraction with lora_weights")
-    parser.add_argument("--lora-weights", default=str(LORA))
+    parser.add_argument("--lora-weights", default=str(LORA), help="a URL, or a file to serve on 127.0.0.1")
     parser.add_argument("--img2img", type=float, default=0.2, help="fraction with an image (img2img)")
     parser.add_argument("--steps", default="10-50", help="step counts to draw from, LOW-HIGH")
     parser.add_argument("--sizes", default="64-128", help="sizes to draw from, LOW-HIGH in multiples of 8")
@@ -181,6 +198,9 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server it started on the way out
 
+    lora_weights, files = args.lora_weights, None
+    if "://" not in lora_weights:
+        files, lora_weights = serve_file(Path(lora_weights))
     proc = None
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
@@ -205,7 +225,7 @@ def main() -> None:
         for i, request in enumerate(todo):
             inputs = dict(request["inputs"])
             if request["lora"]:
-                inputs["lora_weights"] = args.lora_weights
+                inputs["lora_weights"] = lora_weights
             if request["img2img"]:
                 inputs.update(image=image, prompt_strength=0.7)
             wait_ready(url, 120)
@@ -224,6 +244,8 @@ def main() -> None:
             flags = ",".join(k for k in ("new", "lora", "img2img") if request[k]) or "repeat"
             print(f"{i + 1:4d} {row['setting']:>30} {flags:>20} {seconds:7.2f}s rss {rss:7.1f} MiB {error or ''}", flush=True)
     finally:
+        if files:
+            files.shutdown()
         if sampler:
             sampler.done.set()
         if proc:
