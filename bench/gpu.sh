@@ -13,7 +13,10 @@
 #                      stock / sequential / parallel (encoder propagation, paper schedule)
 #   4. speed, compiled: DDIM-50 batch 1 with torch.compile (per block) + channels_last
 #   5. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
-#   6. summary tables (speed and FLOPs)
+#   6. setup on weights that ship no calibration (bench/setup_cost.py): SD1.5 architecture (random
+#                      weights) 512² fp16, the service's budgeted calibration (default 30 stock images
+#                      with the warm-up), then the thorough one (script/calibrate's) if the budget allows
+#   7. summary tables (speed and FLOPs)
 # Results (JSON, markdown summary, this log) go to $OUT if set, else bench/results/.
 # Each step has its own timeout and the steps together a budget (BENCH_BUDGET_S, default
 # 540 s; the summary adds at most 30 s); results are written after every configuration
@@ -98,7 +101,8 @@ if [ "$SMOKE" = 1 ]; then
     OPT=(--channels-last --samplers ddim:8 --batch 1)  # compiling on CPU takes minutes: smoke checks channels_last only
     FLOPS=(--models toy --resolution 64 --schedules paper --device cpu)
     PEERS=(--device cpu --model toy --steps 10 --num-prompts 2 --repeats 2 --warmup 1 --threads 1)
-    T_EAGER=400; T_OPT=400; T_FLOPS=400; T_PEERS=400  # hang guards only: ~10 s each on an idle 2-core machine
+    SETUP=(--weights "$ROOT/weights/tiny-shapes" --threads 1 --no-count)
+    T_EAGER=400; T_OPT=400; T_FLOPS=400; T_PEERS=400; T_SETUP=400; T_THOROUGH=0  # hang guards only: ~10 s each on an idle 2-core machine
     BUDGET=${BENCH_BUDGET_S:-1500}
 else
     SPEED=(--device cuda --model sd15 --resolution 512 --dtype fp16 --samplers ddim:50,dpmpp:20 --batch 1,4 --repeats 3 --warmup 1)
@@ -111,7 +115,10 @@ else
     # and the auto picks, runs of 2 images) ~3 min; 1 call that calibrates fd:auto's schedule; start-up ~30 s
     PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1
            --calibration-prompts 2)
-    T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=420
+    SETUP=(--model sd15 --no-count)
+    # budgeted: saving and loading the random weights (~30 s), 30 stock images (~40 s at ~1.3 s an image), and the
+    # reference image timed; thorough: ~4 prompts x 90 stock images, ~8 min: it runs with what the budget leaves
+    T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=420; T_SETUP=150; T_THOROUGH=540
 fi
 PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:uniform:3,fd:auto,plan:auto,plan:auto:2,plan:auto:3,plan:auto:4
 
@@ -121,6 +128,9 @@ step "peers (planner, DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS
 step "speed (eager)" "$T_EAGER" "$PY" bench/speed.py "${SPEED[@]}" "${MODES[@]}" --json "$RESULTS/speed_eager.json"
 step "speed (compile + channels_last)" "$T_OPT" "$PY" bench/speed.py "${SPEED[@]}" "${OPT[@]}" --json "$RESULTS/speed_compiled.json"
 step "flops" "$T_FLOPS" "$PY" bench/flops.py "${FLOPS[@]}" --json "$RESULTS/flops.json"
+step "setup, budgeted calibration" "$T_SETUP" "$PY" bench/setup_cost.py "${SETUP[@]}" --out "$RESULTS/setup_budgeted.json"
+[ "$T_THOROUGH" -gt 0 ] && step "setup, thorough calibration" "$T_THOROUGH" "$PY" bench/setup_cost.py "${SETUP[@]}" \
+    --budget thorough --out "$RESULTS/setup_thorough.json"
 # the summary reads JSON only (no torch import): outside the budget
 echo "=== [$(date -u +%T)] summary"
 timeout 30 "$PY" bench/summarize.py "$RESULTS" --out "$RESULTS/summary.md" || FAILED=1

@@ -105,7 +105,7 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for name in ("speed_eager.json", "speed_compiled.json", "flops.json", "peers.json", "peers.md", "peers.png", "summary.md",
+    for name in ("speed_eager.json", "speed_compiled.json", "flops.json", "peers.json", "peers.md", "peers.png", "summary.md", "setup_budgeted.json",
                  "gpu_log.txt"):
         assert (tmp_path / name).is_file(), name
 
@@ -125,6 +125,9 @@ def test_gpu_sh_cpu_smoke(tmp_path):
         assert r["modes"]["parallel"]["engine_stats"]["unet_calls"] == len(keys)
         assert r["modes"]["parallel:2"]["engine_stats"]["unet_calls"] >= len(keys)
         assert r["parallel_vs_sequential_max_abs_diff"] < 1e-3
+
+    setup = json.loads((tmp_path / "setup_budgeted.json").read_text())  # the bundled model without its calibrations
+    assert setup["calibration_spent"] <= 27 and setup["setup_in_stock_images_time"] > 0
 
     compiled = json.loads((tmp_path / "speed_compiled.json").read_text())
     assert [(r["sampler"], r["batch"], r["compile"]) for r in compiled["results"]] == [("ddim", 1, "none+cl")]
