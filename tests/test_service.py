@@ -615,7 +615,7 @@ def test_setup_calibrates_within_its_budget_and_validates_plans_on_outputs(monke
     ddim = predictor.schedulers["DDIM"]
     ddim.set_timesteps(50)
     found, how = restarted.store.for_run("DDIM", ddim, calibration.latent_size)
-    assert how == "exact" and found.info["source"] == "cached (calibrated at setup)" and found.validated == calibration.validated
+    assert how == "exact" and found.info["source"] == f"cached ({calibration.info['source']})" and found.validated == calibration.validated
     # another sampler has no calibration of its own: derived from DDIM's, no stock run
     euler = predictor.schedulers["EulerDiscrete"]
     euler.set_timesteps(20)
