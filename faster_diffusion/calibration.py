@@ -491,7 +491,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     computes, and with ``plans`` it returns the error model already scaled on outputs (``validate_plan``
     within the same budget): fewer prompts, teacher-forced errors and sensitivities at a subset of steps,
     interpolated between them, and fewer validation probes (``Spending``). None: the thorough calibration,
-    every prompt and step (about 90 stock images a prompt at 50 steps; ``validate_plan`` is then the caller's)."""
+    every prompt and step (about 75 stock images a prompt at 50 steps; ``validate_plan`` is then the caller's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts: calibration needs at least one prompt")
