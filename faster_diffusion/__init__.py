@@ -22,19 +22,22 @@ from .compile import compile_blocks, uncompile
 from .calibration import Calibration, calibrate, refine, validate, validate_plan
 from .plan import ErrorModel, CostModel, frontier, parse_plan, plan_letters
 from .schedules import PAPER_SCHEDULES, check_key_steps, key_step_indices, parse_key_steps
+from .family import family_of
+from .transformer_split import SUPPORTED_TRANSFORMERS
 from .unet_split import LEVELS, SUPPORTED_UNETS
 
 __all__ = [
     "FasterDiffusion", "AcceleratorConfig", "cost_models", "enable", "disable", "compile_blocks", "uncompile", "calibrate", "refine", "validate", "validate_plan",
-    "Calibration", "ErrorModel", "CostModel", "frontier", "parse_plan", "plan_letters", "LEVELS",
+    "Calibration", "ErrorModel", "CostModel", "frontier", "parse_plan", "plan_letters", "LEVELS", "SUPPORTED_UNETS", "SUPPORTED_TRANSFORMERS",
     "key_step_indices", "check_key_steps", "parse_key_steps", "PAPER_SCHEDULES",
 ]
 
 
 def enable(pipe, calibration=None, **options) -> FasterDiffusion:
     """Accelerates ``pipe`` (a diffusers pipeline whose ``unet`` is a UNet2DConditionModel, UNet3DConditionModel
-    or UNetMotionModel, or the UNet itself). ``options`` are ``AcceleratorConfig``'s: ``key_steps``,
-    ``plan``, ``parallel``, ``max_parallel``, ``noise_injection``, ``noise_injection_timestep``.
+    or UNetMotionModel, or whose ``transformer`` is a DiT, PixArt, SD3 or Flux transformer; or the model itself).
+    ``options`` are ``AcceleratorConfig``'s: ``key_steps``, ``plan``, ``parallel``, ``max_parallel``,
+    ``noise_injection``, ``noise_injection_timestep``, ``encoder_depth`` (transformers).
 
     ``key_steps="auto"`` / ``"auto:B"`` and ``plan="auto"`` / ``"auto:T"`` take the schedule from ``calibration``
     (a ``Calibration``, its JSON path, or a list of them; the first that matches the run's scheduler,
@@ -53,7 +56,7 @@ def enable(pipe, calibration=None, **options) -> FasterDiffusion:
 
 def disable(pipe) -> None:
     """Removes the acceleration from ``pipe``; a no-op if it has none."""
-    unet = pipe if isinstance(pipe, SUPPORTED_UNETS) else getattr(pipe, "unet", None)
-    accel = getattr(unet, "_faster_diffusion", None)
+    found = family_of(pipe)
+    accel = getattr(found[1], "_faster_diffusion", None) if found is not None else None
     if accel is not None:
         accel.disable()

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -42,35 +43,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from .calibration import Calibration, FeatureRecorder, derive, nearest, run_info, shipped_calibrations
 from .plan import AutoPlan, CostModel, check_levels, choose, count_flops, decoder_groups, parse_plan, plan_letters
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
-from .unet_split import (
+from .family import (
     CONDITIONAL_ONLY,
     DECODER_REPLAYING,
     ENCODER,
-    ENCODER_HOOK,
     FORECASTING,
     FULL,
-    SUPPORTED_UNETS,
-    ModelHook,
-    ReplayHook,
     StepMode,
     add_hook,
-    add_replay_hooks,
     as_float,
-    bind_unet_call,
-    conditional_rows,
-    frames_per_row,
-    guidance_difference,
-    guides_on_two_halves,
+    family_of,
     remove_hook,
-    replayed_modules,
     repeat_batch,
-    supported_levels,
-    with_reused_guidance,
 )
+from .transformer_split import SUPPORTED_TRANSFORMERS, TransformerFamily
+from .unet_split import ENCODER_HOOK, SUPPORTED_UNETS, ModelHook, ReplayHook
 
 UNET_HOOK = "faster_diffusion_unet"
 CONTROLNET_HOOK = "faster_diffusion_controlnet"
@@ -92,7 +84,9 @@ class AcceleratorConfig:
     ``parallel``: run the decoders of a full step and the encoder-propagated steps after it as one batch.
     ``max_parallel``: at most this many steps per decoder batch (bounds memory); None = a whole group.
     ``noise_injection`` / ``noise_injection_timestep``: prior noise injection; None = 0.003 with key steps
-    (the paper's), 0 with a plan (plans are chosen for fidelity to the stock images)."""
+    (the paper's), 0 with a plan (plans are chosen for fidelity to the stock images). Applied only with a
+    scheduler that has ``scale_model_input`` (not the flow-matching ones).
+    ``encoder_depth``: a transformer's encoder, its first K blocks (default: the paper's 18 of 28, as a share)."""
 
     key_steps: object = None
     plan: object = None
@@ -100,6 +94,7 @@ class AcceleratorConfig:
     max_parallel: int | None = None
     noise_injection: float | None = None
     noise_injection_timestep: float = 500
+    encoder_depth: int | None = None
 
     def __post_init__(self):
         if self.plan is not None and self.key_steps is not None:
@@ -118,6 +113,8 @@ class AcceleratorConfig:
         self.noise_injection = float(self.noise_injection)
         self.noise_injection_timestep = float(self.noise_injection_timestep)
         self.parallel = bool(self.parallel)
+        if self.encoder_depth is not None and (isinstance(self.encoder_depth, bool) or not isinstance(self.encoder_depth, int) or self.encoder_depth < 1):
+            raise ValueError(f"encoder_depth={self.encoder_depth!r} must be None or an integer >= 1 (a transformer's first K blocks)")
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
@@ -134,12 +131,14 @@ class _Run:
     schedule_source: str = ""
     recorder: FeatureRecorder | None = None  # set when this run calibrates
     step: int = 0  # index of the next UNet call
-    precomputed: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
+    precomputed: dict = field(default_factory=dict)  # (step, guidance branch) -> (timestep, noise prediction)
     output_class: type | None = None  # the UNet's own output class, for the steps answered from `precomputed`
     initial_latent: torch.Tensor | None = None
     scheduler_steps: int = 0
     groups: dict | None = None  # first step -> the steps whose decoders its UNet call runs (from the levels, once)
-    calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call
+    calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call (a step's first branch)
+    noise_injection: float = 0.0  # as applied (none with a scheduler without scale_model_input)
+    conditional_output: torch.Tensor | None = None  # a step's first-branch output, until its second branch's call
     reuses_guidance: bool = False  # the levels have conditional-only steps
     guidance_difference: torch.Tensor | None = None  # of the latest step that ran both rows, for those steps
     full_guidance: dict = field(default_factory=dict)  # step -> guidance difference, at the latest two lone full steps
@@ -160,19 +159,30 @@ class FasterDiffusion:
     ``faster_diffusion.enable``."""
 
     def __init__(self, pipe_or_unet, config: AcceleratorConfig | None = None, calibration=None):
-        self.pipe = None if isinstance(pipe_or_unet, SUPPORTED_UNETS) else pipe_or_unet
-        self.unet = pipe_or_unet if self.pipe is None else getattr(pipe_or_unet, "unet", None)
-        if not isinstance(self.unet, SUPPORTED_UNETS):
-            if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (pipe_or_unet, self.unet)):
+        found = family_of(pipe_or_unet)
+        if found is None:
+            model = next((m for m in (getattr(pipe_or_unet, name, None) for name in ("unet", "transformer")) if m is not None), None)
+            if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (pipe_or_unet, model)):
                 # a compiled UNet forward would trace the per-step hooks: graph breaks and a recompile per level
                 raise TypeError(
                     "faster_diffusion.enable got a torch.compile'd UNet (OptimizedModule), which does not compose with "
                     "the accelerator's per-step dispatch; put back the uncompiled UNet (pipe.unet = pipe.unet._orig_mod), "
                     "enable, and compile its blocks with faster_diffusion.compile_blocks(pipe) (docs/compile.md)"
                 )
-            found = type(pipe_or_unet).__name__ if self.pipe is None else f"{type(self.pipe).__name__}.unet of type {type(self.unet).__name__}"
-            names = ", ".join(cls.__name__ for cls in SUPPORTED_UNETS)
-            raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` is one of {names}, or the UNet itself; got {found}")
+            names = ", ".join(cls.__name__ for cls in (*SUPPORTED_UNETS, *SUPPORTED_TRANSFORMERS))
+            where = type(pipe_or_unet).__name__ if model is None else f"{type(pipe_or_unet).__name__} with a {type(model).__name__}"
+            raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` or `transformer` is one of {names}, or the model itself; got {where}")
+        self.family, self.unet = found  # `unet`: the denoiser, a UNet or a transformer (the name kept for callers)
+        self.pipe = None if pipe_or_unet is self.unet else pipe_or_unet
+        config = config or AcceleratorConfig()
+        if isinstance(self.family, TransformerFamily):
+            if getattr(self.pipe, "controlnet", None) is not None:  # its residuals enter between the blocks we replay
+                raise TypeError(f"faster_diffusion.enable: {type(self.pipe).__name__} (a ControlNet on a transformer) is not supported yet")
+            self.family = TransformerFamily(config.encoder_depth)
+        elif config.encoder_depth is not None:
+            raise ValueError(f"encoder_depth={config.encoder_depth!r} applies to transformers; a UNet's encoder is its down and mid blocks")
+        if not self.family.supports_calibration:
+            _check_uncalibrated(config)
         self.config = config or AcceleratorConfig()
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
@@ -181,7 +191,10 @@ class FasterDiffusion:
         self.stats: dict = {}
         self._run: _Run | None = None
         self._mode = StepMode()
-        self._replay_hooks: list[tuple[torch.nn.Module, ReplayHook]] = []
+        self._replay_hooks: list[tuple[torch.nn.Module, ModelHook]] = []
+        self._model_hook: _ModelHook | None = None
+        self._loop_locals: dict = {}  # the variables of the pipeline call whose loop starts the next run
+        self._iteration = None  # (the pipeline call's frame, the generator) of a run over an iterable-form loop
         self._controlnets: list[tuple[torch.nn.Module, "_ControlNetHook"]] = []
         self._saved_progress_bar = None  # the instance attribute enable() shadows, if the pipeline had one
         self._enabled = False
@@ -193,13 +206,21 @@ class FasterDiffusion:
     max_parallel = property(lambda self: self.config.max_parallel)
     noise_injection = property(lambda self: self.config.noise_injection)
     noise_injection_timestep = property(lambda self: self.config.noise_injection_timestep)
+    model = property(lambda self: self.unet)
 
     # -- configuration -------------------------------------------------------------------------------------------
 
     def set_params(self, **options) -> None:
         """Validates and sets options of ``AcceleratorConfig`` (takes effect at the next run); the others
         keep their defaults, as with ``enable``."""
-        self.config = AcceleratorConfig(**options)
+        config = AcceleratorConfig(**options)
+        if not self.family.supports_calibration:
+            _check_uncalibrated(config)
+        if isinstance(self.family, TransformerFamily) and config.encoder_depth != self.family.encoder_depth:
+            self.family = TransformerFamily(config.encoder_depth)
+            if self._enabled:
+                self._unhook_modules()  # the next run hooks the new split
+        self.config = config
 
     # -- install / remove ------------------------------------------------------------------------------------------
 
@@ -207,7 +228,8 @@ class FasterDiffusion:
         if self._enabled:
             return self
         self._hook_modules()
-        add_hook(self.unet, _UNetHook(self), UNET_HOOK)
+        self._model_hook = _ModelHook(self)
+        add_hook(self.unet, self._model_hook, UNET_HOOK)
         controlnet = getattr(self.pipe, "controlnet", None)
         if controlnet is not None:
             hook = _ControlNetHook(self)
@@ -225,6 +247,8 @@ class FasterDiffusion:
         """Removes every hook; the pipeline is the stock one again."""
         if not self._enabled:
             return
+        if self._iteration is not None:
+            self._iteration[1].close()
         self._end_run()
         self._unhook_modules()
         remove_hook(self.unet, UNET_HOOK)
@@ -241,10 +265,10 @@ class FasterDiffusion:
     def _hook_modules(self) -> None:
         """Hooks every module some level replays. Called by enable() and at every run: a LoRA loaded or
         unloaded since may have swapped one (peft wraps a targeted conv_in in a new module)."""
-        if [module for module, _ in self._replay_hooks] == list(replayed_modules(self.unet)):
+        if self._replay_hooks and [module for module, _ in self._replay_hooks] == self.family.hooked_modules(self.unet):
             return
         self._unhook_modules()
-        self._replay_hooks = add_replay_hooks(self.unet, self._mode, ENCODER_HOOK)
+        self._replay_hooks = self.family.add_hooks(self.unet, self._mode, ENCODER_HOOK)
 
     def _unhook_modules(self) -> None:
         for module, _ in self._replay_hooks:
@@ -270,6 +294,8 @@ class FasterDiffusion:
         if timesteps is None and self.pipe is None:
             raise ValueError("faster_diffusion: denoising_run(timesteps) needs the loop's timesteps on a bare UNet")
         self._hook_modules()
+        loop_locals, self._loop_locals = self._loop_locals, {}
+        self._mode.guidance = self.family.guidance(self.pipe, loop_locals) if self.pipe is not None else None
         if timesteps is not None:
             timesteps = list(timesteps)
             num_steps = len(timesteps)
@@ -279,6 +305,9 @@ class FasterDiffusion:
         # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
         self._run = _Run(num_steps, self._static_levels(num_steps), timesteps)
         scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
+        if not hasattr(scheduler, "scale_model_input"):  # a flow-matching latent is no variance-preserving one
+            scheduler = None
+        self._run.noise_injection = self.noise_injection if scheduler is not None else 0.0
         saved_step = scheduler.__dict__.get("step") if scheduler is not None else None
         if scheduler is not None:
             scheduler.step = self._wrap_scheduler_step(scheduler)
@@ -303,23 +332,42 @@ class FasterDiffusion:
         if isinstance(spec, AutoPlan):
             return None
         check_levels(spec, num_steps, self._guided())
-        unsupported = sorted(set(spec) - set(supported_levels(self.unet)))
+        supported = self.family.supported_levels(self.unet)
+        unsupported = sorted(set(spec) - set(supported))
         if unsupported:
-            raise ValueError(f"plan: levels {unsupported} need a UNet2DConditionModel; {type(self.unet).__name__} supports {list(supported_levels(self.unet))}")
+            needs = "a UNet2DConditionModel" if self.family.supports_calibration else "a stack of at least 3 blocks"
+            raise ValueError(f"plan: levels {unsupported} need {needs}; {type(self.unet).__name__} supports {list(supported)}")
         return list(spec)
 
     def _guided(self) -> bool:
-        return guides_on_two_halves(self.pipe)
+        return self._mode.guidance is not None
 
     def _cheap_levels(self) -> tuple[str, ...]:
         """The levels below full this run can take (conditional-only ones need guidance on two halves)."""
-        return tuple(lv for lv in supported_levels(self.unet, self._guided()) if lv != FULL)
+        return tuple(lv for lv in self.family.supported_levels(self.unet, self._guided()) if lv != FULL)
 
     def _progress_bar(self, iterable=None, total=None):
         bar = type(self.pipe).progress_bar(self.pipe, iterable=iterable, total=total)
-        if iterable is not None:  # not the `with self.progress_bar(total=...)` loop form
+        caller = sys._getframe(1)
+        if self._iteration is not None and self._iteration[0] is not caller:
+            self._iteration[1].close()  # a loop an exception left: its run ends before this call's
+        if self._run is not None:  # a bar inside the loop
             return bar
+        # the pipeline call's variables say how it guides (PixArt, DiT and Flux keep that in locals)
+        self._loop_locals = dict(caller.f_locals)
+        if iterable is not None:  # DiT's `for t in self.progress_bar(timesteps)`
+            iteration = self._iterate_in_run(bar)
+            self._iteration = (caller, iteration)
+            return iteration
         return _chain_contexts(self.denoising_run(), bar)
+
+    def _iterate_in_run(self, bar):
+        """A run over a loop of the iterable form; it ends when the loop does, or is closed by the next call."""
+        try:
+            with self.denoising_run():
+                yield from bar
+        finally:
+            self._iteration = None
 
     def _resolve_timesteps(self, timestep) -> None:
         """Finds the loop's timesteps in the pipeline scheduler's list from the first UNet call."""
@@ -327,10 +375,10 @@ class FasterDiffusion:
         t = as_float(timestep)
         n = min(self._run.num_steps, len(all_t))
         tail = len(all_t) - n
-        if float(all_t[tail]) == t:  # img2img / inpainting: strength keeps the tail
+        if _same_timestep(all_t[tail], t):  # img2img / inpainting: strength keeps the tail
             start = tail
         else:  # full list, or SDXL's denoising_end keeps the head
-            matches = [j for j, s in enumerate(all_t) if float(s) == t]
+            matches = [j for j, s in enumerate(all_t) if _same_timestep(s, t)]
             if not matches:
                 raise RuntimeError(f"faster_diffusion: UNet called at t={t}, which is not in the scheduler's timesteps")
             start = matches[0]
@@ -342,8 +390,7 @@ class FasterDiffusion:
     def _resolve_levels(self, original_forward, call) -> None:
         """Picks a calibrated run's levels, or makes it a stock run that calibrates."""
         run = self._run
-        sample = call["sample"]
-        latent_size = tuple(sample.shape[2:])  # (height, width), or (frames, height, width)
+        latent_size = self.family.latent_size(call)  # (height, width), or (frames, height, width)
         scheduler = self._scheduler_name()
         spec = str(parse_plan(self.plan)) if self.plan is not None else self.key_steps
         found = self._find_calibration(scheduler, run.timesteps, latent_size)
@@ -445,7 +492,7 @@ class FasterDiffusion:
             "unet_calls": len(run.calls),
             "controlnet_passes": run.controlnet_passes,
             "parallel": self.parallel,
-            "noise_injection": self.noise_injection,
+            "noise_injection": run.noise_injection,
         }
         if self.plan is not None:
             self.stats.update(plan=plan_letters(levels), levels={lv: levels.count(lv) for lv in dict.fromkeys(levels)})
@@ -485,22 +532,29 @@ class FasterDiffusion:
 
     # -- the UNet call ---------------------------------------------------------------------------------------------
 
-    def _call_unet(self, original_forward, call, level: str, timesteps: list):
-        """One UNet call at ``level`` running the decoders of ``timesteps`` (a group when more than one)."""
-        sample = call["sample"]
-        rows, group = sample.shape[0], len(timesteps)
-        frames = frames_per_row(self.unet, sample)
-        if level in CONDITIONAL_ONLY:  # returns the conditional rows' output; the caller adds the unconditional
-            call, rows = conditional_rows(call, rows), rows // 2
+    def _call_model(self, original_forward, call, level: str, timesteps: list):
+        """One model call at ``level`` running the decoders of ``timesteps`` (a group when more than one)."""
+        latent = self.family.latent(call)
+        rows, group = latent.shape[0], len(timesteps)
+        inside = self.family.rows_inside(self.unet, latent)
+        guidance = self._mode.guidance
+        if level in CONDITIONAL_ONLY and guidance.layout == "halves":  # the caller adds the unconditional rows
+            call, rows = guidance.cond_half(call, rows), rows // 2
         if group > 1:
-            call = {k: repeat_batch(v, (rows, rows * frames), group) for k, v in call.items() if k != "timestep"}
-            call["timestep"] = torch.stack([torch.as_tensor(t).to(sample.device).expand(rows) for t in timesteps]).flatten()
+            call = {k: repeat_batch(v, (rows, rows * inside), group) for k, v in call.items() if k != "timestep"}
+            call["timestep"] = torch.stack([self._model_timestep(t, rows, latent) for t in timesteps]).flatten()
         mode = self._mode
-        mode.active, mode.level, mode.rows, mode.group_size = True, level, rows * frames, group
+        mode.active, mode.level, mode.rows, mode.group_size = True, level, rows * inside, group
         try:
             return original_forward(**call, return_dict=True)
         finally:
             mode.active = False
+
+    def _model_timestep(self, t, rows: int, latent: torch.Tensor) -> torch.Tensor:
+        """A scheduler timestep as the pipeline passes it to the model, for ``rows`` rows."""
+        t = torch.as_tensor(t).to(latent.device).expand(rows)
+        scale = self.family.timestep_scale(self.unet)
+        return t if scale == 1 else t.to(latent.dtype) / scale
 
     def _cost_model(self, original_forward, call) -> CostModel:
         """This device's cost model at the run's batch and size: measured once on the run's own inputs."""
@@ -523,7 +577,7 @@ class FasterDiffusion:
         self._mode.keep_decoder, self._mode.keep_history = True, False
 
         def seconds(level, group):
-            return _seconds(lambda: self._call_unet(original_forward, call, level, [t] * group), sample.device)
+            return _seconds(lambda: self._call_model(original_forward, call, level, [t] * group), sample.device)
 
         timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
         forecast = self._forecast_hook()
@@ -534,7 +588,7 @@ class FasterDiffusion:
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
-            flops = {level: count_flops(lambda lv=level: self._call_unet(original_forward, call, lv, [t])) for level in [FULL, *levels]}
+            flops = {level: count_flops(lambda lv=level: self._call_model(original_forward, call, lv, [t])) for level in [FULL, *levels]}
             curve = self._flop_curve(original_forward, call, flops)
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
@@ -569,7 +623,7 @@ class FasterDiffusion:
         for k in (1, 2):
             resized = {**call, "sample": sample.new_zeros(*sample.shape[:2], h + k * step, w + k * step)}
             for level in counted:  # full first: the replaying levels read what it keeps at this size
-                per_row[level].append(count_flops(lambda lv=level: self._call_unet(original_forward, resized, lv, [t])) / rows)
+                per_row[level].append(count_flops(lambda lv=level: self._call_model(original_forward, resized, lv, [t])) / rows)
         pixels = np.array([(h + k * step) * (w + k * step) for k in (0, 1, 2)], dtype=np.float64)
         powers = np.stack([np.ones(3), pixels, pixels**2], axis=1)
         curve = {level: np.linalg.solve(powers, np.array(counts)).tolist() for level, counts in per_row.items()}
@@ -612,11 +666,11 @@ class FasterDiffusion:
             seconds += _least_seconds(lambda _: vae.decode(latents), sample.device)
         return seconds
 
-    def _unet_forward(self, original_forward, args, kwargs):
-        run = self._run
-        call = bind_unet_call(self.unet, args, kwargs)
+    def _model_forward(self, original_forward, args, kwargs):
+        run, mode = self._run, self._mode
+        call = self.family.bind_call(self.unet, args, kwargs)
         return_dict = call.pop("return_dict")
-        timestep = call["timestep"]
+        timestep = as_float(call["timestep"]) * self.family.timestep_scale(self.unet)  # in the scheduler's units
         if run.timesteps is None:
             self._resolve_timesteps(timestep)
         if run.levels is None:
@@ -624,17 +678,20 @@ class FasterDiffusion:
         if run.groups is None:
             run.groups = {g[0]: g for g in decoder_groups(run.levels, self.parallel, self.max_parallel)}
             run.reuses_guidance = any(level in CONDITIONAL_ONLY for level in run.levels)
-            self._mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
-            self._mode.keep_history = any(level in FORECASTING for level in run.levels)
-            self._mode.forecast_weights = self._forecast_weights(call) if self._mode.keep_history else {}
-        i = run.step
-        run.step += 1
-        self._mode.step = i
-        if i >= len(run.timesteps):
-            raise RuntimeError(f"faster_diffusion: UNet called {i + 1} times in a run of {len(run.timesteps)} steps")
+            mode.keep_decoder = any(level in DECODER_REPLAYING for level in run.levels)
+            mode.keep_history = any(level in FORECASTING for level in run.levels)
+            mode.forecast_weights = self._forecast_weights(call) if mode.keep_history else {}
+        guidance, branch = mode.guidance, self._model_hook.branch()
+        # with a call per guidance branch, the second branch's call is part of the step of the call before
+        second = guidance is not None and guidance.layout == "calls" and branch == guidance.second
+        i = run.step - 1 if second else run.step
+        run.step += 0 if second else 1
+        mode.step, mode.branch = i, branch
+        if not 0 <= i < len(run.timesteps):
+            raise RuntimeError(f"faster_diffusion: the model called {run.step} times in a run of {len(run.timesteps)} steps")
 
-        if i in run.precomputed:
-            t, noise_pred = run.precomputed.pop(i)
+        if (i, branch) in run.precomputed:
+            t, noise_pred = run.precomputed.pop((i, branch))
             _check_timestep(timestep, t, i)
             return _output(noise_pred, return_dict, run.output_class)
 
@@ -642,24 +699,37 @@ class FasterDiffusion:
         if len(steps) > 1:
             _check_timestep(timestep, run.timesteps[i], i)
         level = run.levels[i]
-        output = self._call_unet(original_forward, call, level, [run.timesteps[s] if len(steps) > 1 else timestep for s in steps])
+        output = self._call_model(original_forward, call, level, [run.timesteps[s] if len(steps) > 1 else call["timestep"] for s in steps])
         run.output_class, noise_pred = type(output), output.sample
-        run.calls.append((level, len(steps)))
+        if not second:
+            run.calls.append((level, len(steps)))
         if level in CONDITIONAL_ONLY:
-            noise_pred = with_reused_guidance(noise_pred, self._reused_guidance(level))
-        chunks = noise_pred.split(call["sample"].shape[0])
+            if guidance.layout == "halves":
+                noise_pred = guidance.with_unconditional(noise_pred, self._reused_guidance(level))
+            else:  # the unconditional call of this step is answered without running the model
+                run.precomputed[(i, guidance.second)] = (run.timesteps[i], noise_pred - self._reused_guidance(level))
+        chunks = noise_pred.split(self.family.latent(call).shape[0])
         if run.reuses_guidance and level not in CONDITIONAL_ONLY:  # the group's latest step, whose features are kept
-            run.guidance_difference = guidance_difference(chunks[-1])
-            if level == FULL and len(steps) == 1:  # a point a forecast may extrapolate from
-                run.full_guidance = dict([*list(run.full_guidance.items())[-1:], (i, run.guidance_difference)])
+            self._keep_guidance_difference(i, level, len(steps), chunks[-1], second)
         for s, chunk in zip(steps[1:], chunks[1:]):
-            run.precomputed[s] = (run.timesteps[s], chunk)
+            run.precomputed[(s, branch)] = (run.timesteps[s], chunk)
         return _output(chunks[0], return_dict, run.output_class)
+
+    def _keep_guidance_difference(self, i: int, level: str, group: int, latest: torch.Tensor, second: bool) -> None:
+        """The guidance difference (conditional less unconditional output) of the latest step that ran both, for
+        the conditional-only steps: from the halves of one call, or from the second branch's call and the first's."""
+        run, guidance = self._run, self._mode.guidance
+        if guidance.layout == "calls" and not second:
+            run.conditional_output = latest
+            return
+        run.guidance_difference = run.conditional_output - latest if second else guidance.difference(latest)
+        if level == FULL and group == 1:  # a point a forecast may extrapolate from
+            run.full_guidance = dict([*list(run.full_guidance.items())[-1:], (i, run.guidance_difference)])
 
     def _forecast_weights(self, call) -> dict:
         """The forecasting levels' fitted weights from the run's calibration, the one ``auto`` planned with (an
         explicit plan's too); without one, forecasts extrapolate linearly."""
-        found = self._find_calibration(self._scheduler_name(), self._run.timesteps, tuple(call["sample"].shape[2:]))
+        found = self._find_calibration(self._scheduler_name(), self._run.timesteps, self.family.latent_size(call))
         model = found[0].error_model if found is not None else None
         return model.forecast_weight if model is not None else {}
 
@@ -675,20 +745,37 @@ class FasterDiffusion:
         return d1 + coefficient * (d1 - d0)
 
     def _forecast_hook(self) -> ReplayHook | None:
-        return next((hook for _, hook in self._replay_hooks if hook.forecasts), None)
+        return next((hook for _, hook in self._replay_hooks if getattr(hook, "forecasts", False)), None)
 
 
-class _UNetHook(ModelHook):
-    """Routes UNet calls made inside a denoising run through the accelerator."""
+class _Context(BaseState):
+    def reset(self):
+        pass
+
+
+class _ModelHook(ModelHook):
+    """Routes the denoiser's calls made inside a denoising run through the accelerator. Stateful, with a
+    ``StateManager``, so that a pipeline's ``cache_context(name)`` tells it which guidance branch a call is."""
+
+    _is_stateful = True
 
     def __init__(self, accel: FasterDiffusion):
         super().__init__()
         self.accel = accel
+        self.context = StateManager(_Context)
 
     def new_forward(self, module, *args, **kwargs):
         if self.accel._run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        return self.accel._unet_forward(self.fn_ref.original_forward, args, kwargs)
+        return self.accel._model_forward(self.fn_ref.original_forward, args, kwargs)
+
+    def branch(self) -> str:
+        """The name of the ``cache_context`` the call is in ("cond", "uncond"), or "" outside one."""
+        context = self.context._context
+        return "" if context is None else context.name
+
+    def reset_state(self, module):
+        return module
 
 
 class _ControlNetHook(ModelHook):
@@ -827,12 +914,28 @@ def _least_seconds(fn, device, prepare=lambda: None, repeats: int = 3) -> float:
     return min(times)
 
 
+def _same_timestep(a, b) -> bool:
+    """Equal up to float rounding (FluxPipeline passes t / 1000, read back here times 1000)."""
+    a, b = as_float(a), as_float(b)
+    return a == b or abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
 def _check_timestep(timestep, expected, i: int) -> None:
-    if as_float(timestep) != as_float(expected):
+    if not _same_timestep(timestep, expected):
         raise RuntimeError(
             f"faster_diffusion: step {i} was called with t={as_float(timestep)} but the run's timesteps say "
             f"t={as_float(expected)}; the sampling loop does not follow its scheduler's timesteps"
         )
+
+
+def _check_uncalibrated(config: AcceleratorConfig) -> None:
+    """Calibrated specs need a family with a feature recorder and an error model (the UNet's, for now)."""
+    if config.plan is not None and isinstance(parse_plan(config.plan), AutoPlan):
+        raise ValueError(f"plan={config.plan!r}: plan='auto' is calibrated on UNets only for now; on a transformer give "
+                         "explicit levels, e.g. plan='FEEDDFCC' (F/E/D/C: full, encoder, deep, deep_cfg)")
+    if config.plan is None and is_calibrated(config.key_steps):
+        raise ValueError(f"key_steps={config.key_steps!r}: calibrated key steps need a UNet for now; on a transformer give "
+                         "'paper', 'all', 'uniform:K' or step indices")
 
 
 def _output(noise_pred, return_dict: bool, output_class):

@@ -21,13 +21,35 @@ the decoder ``group_size`` stacked copies of its output.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from dataclasses import dataclass, field
-
 import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
+
+from .family import (  # noqa: F401  (the level names and helpers, importable from here as before)
+    CONDITIONAL_ONLY,
+    DECODER_REPLAYING,
+    DEEP,
+    DEEP_CFG,
+    DEEP_CFG_FORECAST,
+    DEEP_FORECAST,
+    ENCODER,
+    FORECASTING,
+    FULL,
+    LEVEL_LETTERS,
+    LEVELS,
+    SHALLOW,
+    DenoiserFamily,
+    Guidance,
+    StepMode,
+    _signature,
+    add_hook,
+    as_float,
+    first_rows,
+    last_rows,
+    map_tensors,
+    remove_hook,
+    repeat_batch,
+)
 
 ENCODER_HOOK = "faster_diffusion_encoder"
 # UNets with the conv_in -> down blocks -> mid block -> up blocks layout (skip connections from
@@ -46,19 +68,9 @@ def bind_unet_call(unet, args, kwargs) -> dict:
     return call
 
 
-@functools.cache
-def _signature(cls) -> inspect.Signature:
-    return inspect.signature(cls.forward)
-
-
 def frames_per_row(unet, sample: torch.Tensor) -> int:
     """How many rows inside ``unet`` one row of its ``sample`` becomes: the frames for a video UNet, else 1."""
     return sample.shape[2] if isinstance(unet, VIDEO_UNETS) else 1
-
-
-def as_float(timestep) -> float:
-    """A loop's timestep as a number (pipelines pass a scalar, a 0-d or a batch-expanded tensor)."""
-    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
 #: The levels of reuse a sampling step can run at, from most to least computed:
@@ -80,69 +92,7 @@ def as_float(timestep) -> float:
 #:     distance, times a weight fitted per distance by the calibration (``plan.ErrorModel.forecast_weight``).
 #:     The same work as the level they forecast; without two full steps' features (the run's first segment, or
 #:     after shallow or encoder-propagated steps, which recompute the layer they extrapolate) they replay like it.
-FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG = "full", "encoder", "shallow", "deep", "deep_cfg"
-DEEP_FORECAST, DEEP_CFG_FORECAST = "deep_forecast", "deep_cfg_forecast"
-LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
-LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "X": DEEP_FORECAST, "C": DEEP_CFG, "Y": DEEP_CFG_FORECAST}
-#: Levels whose step reads the current latent only through the shallow path: they replay decoder modules.
-DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
-#: Levels that run the conditional rows of a guided batch ([unconditional, conditional]) only.
-CONDITIONAL_ONLY = (DEEP_CFG, DEEP_CFG_FORECAST)
-#: Levels that extrapolate from the latest two full steps, and the level whose work each does.
-FORECASTING = {DEEP_FORECAST: DEEP, DEEP_CFG_FORECAST: DEEP_CFG}
-
-
-@dataclass
-class StepMode:
-    """What the replay hooks do on the current UNet call; owned by the accelerator."""
-
-    active: bool = False  # outside a denoising run the hooks pass through
-    level: str = FULL  # the level of the step(s) of this call
-    rows: int = 1  # rows of one step inside the UNet (2x the images with guidance; x frames for video); half at a conditional-only level
-    group_size: int = 1  # steps whose decoders run in this call
-    keep_decoder: bool = False  # whether decoder modules keep their outputs (the run has shallow or deep steps)
-    keep_history: bool = False  # whether the forecast module keeps its outputs of the latest two full steps
-    step: int = 0  # the index of the (first) step of this call
-    # forecasting level -> weight[m - 1, k] of step k + 1 past a full step m steps after the one before (default 1)
-    forecast_weights: dict = field(default_factory=dict)
-
-
-def map_tensors(fn, obj, *others):
-    """Applies ``fn`` to every tensor in nested tuples, lists and dicts (with the tensors at the same place in
-    ``others``, of the same structure, as further arguments)."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj, *others)
-    if isinstance(obj, (tuple, list)):
-        items = [map_tensors(fn, *items) for items in zip(obj, *others)]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple takes its fields
-    if isinstance(obj, dict):
-        return {k: map_tensors(fn, v, *(o[k] for o in others)) for k, v in obj.items()}
-    return obj
-
-
-def repeat_batch(obj, rows, times: int):
-    """Stacks ``times`` copies of every tensor whose batch is ``rows`` (step-major order).
-
-    ``rows`` may be a collection of batch sizes: a video pipeline passes the UNet some tensors per
-    video and some per frame (AnimateDiff's prompt embeddings); each is repeated once."""
-    if times == 1:
-        return obj
-    sizes = {rows} if isinstance(rows, int) else set(rows)
-    return map_tensors(lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if t.dim() and t.shape[0] in sizes else t, obj)
-
-
-def first_rows(obj, rows: int, total: int):
-    """Keeps the first ``rows`` rows of every tensor whose batch is ``total``."""
-    if rows == total:
-        return obj
-    return map_tensors(lambda t: t[:rows] if t.dim() and t.shape[0] == total else t, obj)
-
-
-def last_rows(obj, rows: int, total: int):
-    """Keeps the last ``rows`` rows of every tensor whose batch is ``total`` (the latest step of a group)."""
-    if rows == total:
-        return obj
-    return map_tensors(lambda t: t[-rows:] if t.dim() and t.shape[0] == total else t, obj)
+#: (the names are in ``family.py``, shared with the transformer family)
 
 
 class ReplayHook(ModelHook):
@@ -309,21 +259,24 @@ def encoder_modules(unet) -> list[torch.nn.Module]:
     return modules
 
 
-def add_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(hook, name)
+class UNetFamily(DenoiserFamily):
+    """The UNets: an encoder (conv_in, down blocks, mid block) and a decoder, replayed module by module."""
 
+    models = SUPPORTED_UNETS
+    latent_name = "sample"
+    supports_calibration = True
 
-def remove_hook(module: torch.nn.Module, name: str) -> None:
-    """Removes our hook; if it was the last one, also the registry, so the module is stock again."""
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None or name not in registry.hooks:
-        return
-    registry.remove_hook(name, recurse=False)
-    if not registry.hooks:
-        del module._diffusers_hook
-        # The registry leaves the bound method behind as an instance attribute; drop it only if
-        # it is the class's own forward (another wrapper, e.g. accelerate's offload hook, stays).
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
-            del module.forward
+    def rows_inside(self, model, latent):
+        return frames_per_row(model, latent)
+
+    def hooked_modules(self, model):
+        return list(replayed_modules(model))
+
+    def add_hooks(self, model, mode, name):
+        return add_replay_hooks(model, mode, name)
+
+    def supported_levels(self, model, guided=True):
+        return supported_levels(model, guided)
+
+    def guidance(self, pipe, loop_locals):
+        return Guidance("halves") if guides_on_two_halves(pipe) else None

@@ -1,0 +1,253 @@
+"""The transformer split: spans of a transformer's block stack that some level replays.
+
+A diffusion transformer (DiT, PixArt, SD3's MMDiT, Flux) is an input embedding, a stack of blocks that all
+see the step's conditioning (the time embedding, the prompt), and an output head. Its blocks are
+``transformer_blocks`` (Flux: then ``single_transformer_blocks``), called in that order, each on the
+previous one's hidden states (and, in the dual-stream models, encoder hidden states). Where a block's
+output holds which stream is diffusers' own data (``hooks._helpers.TransformerBlockRegistry``).
+
+What each level replays is data (``sites``): a *site* is a span of consecutive blocks, replayed either as
+the span's output (the encoder) or as its residual, output less input, added to the current input (the
+stack's middle). Inside a replayed span every block hands its input on unchanged; the span's last block
+returns the replay. Nothing else of the model's forward changes: the embeddings, the output head and the
+blocks outside the span run on the current step's latent, timestep and prompt.
+
+Levels (letters as in ``plan``):
+
+- ``full`` (F): every block; sites keep what later steps replay.
+- ``encoder`` (E): the paper's DiT method (FasterDiffusion, NeurIPS 2024): the first K blocks' output of the
+  latest full step is replayed; the later blocks and the output head run at the current step's conditioning.
+  K defaults to the paper's 18 of DiT-XL/2's 28 blocks, as a fraction of the stack (``encoder_depth``). The
+  encoder does not read the current latent, so a full step's call can also run the decoders of the encoder
+  steps after it, each with its own timestep (``parallel``).
+- ``deep`` (D): residual reuse (Delta-DiT, FirstBlockCache): the first block and the last run on the current
+  latent, the residual of the blocks between them is the latest full step's.
+- ``deep_cfg`` (C): ``deep`` on the conditional rows (or the conditional call) only; the unconditional output
+  is the conditional one less the guidance difference of the latest step that ran both.
+
+State lives in the hooks for one run (``reset_state``), per guidance branch where the pipeline calls the model
+once per branch inside ``cache_context``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
+from diffusers.hooks import ModelHook
+from diffusers.hooks._helpers import TransformerBlockRegistry
+
+from .family import (
+    CONDITIONAL_ONLY,
+    DEEP,
+    DEEP_CFG,
+    ENCODER,
+    FULL,
+    DenoiserFamily,
+    Guidance,
+    StepMode,
+    add_hook,
+    first_rows,
+    map_tensors,
+    repeat_batch,
+)
+
+SUPPORTED_TRANSFORMERS = (DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
+#: Models whose guided batch is [conditional, unconditional] rows (DiTPipeline: class labels, then the null class).
+CONDITIONAL_FIRST = (DiTTransformer2DModel,)
+#: Models that take the timestep in thousandths of the scheduler's (FluxPipeline passes t / 1000).
+TIMESTEP_IN_THOUSANDTHS = (FluxTransformer2DModel,)
+#: The paper's DiT-XL/2 split: the first 18 of its 28 blocks are the encoder.
+PAPER_ENCODER_FRACTION = 18 / 28
+TRANSFORMER_LEVELS = (FULL, ENCODER, DEEP, DEEP_CFG)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A span of consecutive blocks, ``blocks[start:stop]``, that the levels in ``replayed_at`` replay."""
+
+    start: int
+    stop: int
+    replayed_at: frozenset
+    shared: bool  # the encoder: the same input at every step of a decoder group (runs on the key step's rows)
+    residual: bool  # replays output - input added to the current input, else the output itself
+
+
+def default_encoder_depth(num_blocks: int) -> int:
+    """The paper's encoder as a share of the stack: 18 of 28 blocks (at least one block, and one left after)."""
+    return min(max(1, round(num_blocks * PAPER_ENCODER_FRACTION)), num_blocks - 1)
+
+
+def sites(num_blocks: int, encoder_depth: int | None = None) -> list[Site]:
+    """What each level replays, for a stack of ``num_blocks`` blocks (see the module docstring)."""
+    depth = default_encoder_depth(num_blocks) if encoder_depth is None else encoder_depth
+    if not 1 <= depth < num_blocks:
+        raise ValueError(f"encoder_depth={encoder_depth!r}: the encoder is 1 to {num_blocks - 1} of this model's {num_blocks} blocks")
+    found = [Site(0, depth, frozenset({ENCODER}), shared=True, residual=False)]
+    if num_blocks >= 3:  # a first and a last block around what is replayed
+        found.append(Site(1, num_blocks - 1, frozenset({DEEP, DEEP_CFG}), shared=False, residual=True))
+    return found
+
+
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The block stack in call order."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+
+
+class SpanState:
+    """What one site keeps for one guidance branch: the output, or the span's input and then its residual."""
+
+    def __init__(self):
+        self.output = None
+        self.input = None
+        self.residual = None
+
+
+class Span:
+    """A site's state during a run, shared by the hooks of its blocks (as FirstBlockCache's head and tail hooks)."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.states: dict[str, SpanState] = {}
+
+    def state(self, branch: str) -> SpanState:
+        return self.states.setdefault(branch, SpanState())
+
+    def reset(self) -> None:
+        self.states = {}
+
+
+class BlockHook(ModelHook):
+    """Runs a block, keeping what its sites replay at a full step, or hands on a replay at the levels that reuse it."""
+
+    _is_stateful = True
+
+    def __init__(self, mode: StepMode, metadata, spans: list[tuple[Span, bool, bool]]):
+        super().__init__()
+        self.mode, self.metadata = mode, metadata
+        self.spans = spans  # (span, whether this block opens it, whether it closes it)
+
+    def new_forward(self, module, *args, **kwargs):
+        mode = self.mode
+        if not mode.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        for span, _, last in self.spans:
+            if mode.level in span.site.replayed_at:
+                streams = self._streams_in(args, kwargs)
+                return self._as_output(*(self._replayed(span, streams) if last else streams))
+        shared = any(span.site.shared for span, _, _ in self.spans)
+        total = mode.rows * mode.group_size
+        if shared:  # an encoder block: the key step's rows, copied to every step of the group
+            args, kwargs = first_rows((args, kwargs), mode.rows, total)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode.level == FULL:
+            self._keep(self._streams_in(args, kwargs), output, total)
+        return repeat_batch(output, mode.rows, mode.group_size) if shared else output
+
+    def _keep(self, inputs, output, total: int) -> None:
+        """At a full step, the key step's rows of what the sites this block opens or closes replay."""
+        rows = self.mode.rows
+        inputs, outputs = first_rows((inputs, self._streams_out(output)), rows, total)
+        for span, opens, closes in self.spans:
+            state = span.state(self.mode.branch)
+            if opens:
+                state.input = inputs
+            if closes and span.site.residual:
+                state.residual = map_tensors(torch.sub, outputs, state.input)
+            elif closes:
+                state.output = outputs
+
+    def _replayed(self, span: Span, streams):
+        mode = self.mode
+        state = span.states.get(mode.branch)
+        kept = None if state is None else (state.residual if span.site.residual else state.output)
+        if kept is None:
+            raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any full step computed the blocks it reuses")
+        if mode.level in CONDITIONAL_ONLY and mode.guidance.layout == "halves":
+            kept = mode.guidance.cond_half(kept, 2 * mode.rows)
+        if not span.site.residual:
+            return repeat_batch(kept, mode.rows, mode.group_size)
+        return tuple(x if r is None else x + r for x, r in zip(streams, kept))
+
+    def _streams_in(self, args, kwargs):
+        """(hidden states, encoder hidden states or None) a block was called with."""
+        m = self.metadata
+        hidden = m._get_parameter_from_args_kwargs(m.hidden_states_argument_name, args, kwargs)
+        if m.return_encoder_hidden_states_index is None:
+            return hidden, None
+        return hidden, m._get_parameter_from_args_kwargs(m.encoder_hidden_states_argument_name, args, kwargs)
+
+    def _streams_out(self, output):
+        m = self.metadata
+        if m.return_encoder_hidden_states_index is None:
+            return output, None
+        return output[m.return_hidden_states_index], output[m.return_encoder_hidden_states_index]
+
+    def _as_output(self, hidden, encoder):
+        """The streams in the block's own return format."""
+        m = self.metadata
+        if m.return_encoder_hidden_states_index is None:
+            return hidden
+        output = [None, None]
+        output[m.return_hidden_states_index], output[m.return_encoder_hidden_states_index] = hidden, encoder
+        return tuple(output)
+
+    def reset_state(self, module):
+        for span, _, _ in self.spans:
+            span.reset()
+        return module
+
+
+class TransformerFamily(DenoiserFamily):
+    """DiT, PixArt, SD3 and Flux transformers: spans of the block stack (``sites``)."""
+
+    models = SUPPORTED_TRANSFORMERS
+    latent_name = "hidden_states"
+
+    def __init__(self, encoder_depth: int | None = None):
+        self.encoder_depth = encoder_depth
+
+    def timestep_scale(self, model):
+        return 1000.0 if isinstance(model, TIMESTEP_IN_THOUSANDTHS) else 1.0
+
+    def latent_size(self, call):
+        ids = call.get("img_ids")
+        if ids is None or self.latent(call).ndim != 3:
+            return tuple(self.latent(call).shape[2:])
+        # Flux's packed (batch, tokens, 64) latents: the token grid is in img_ids, each token 2x2 latent pixels
+        return tuple(2 * (int(ids[..., axis].max()) + 1) for axis in (1, 2))
+
+    def hooked_modules(self, model):
+        return transformer_blocks(model)
+
+    def add_hooks(self, model, mode, name):
+        blocks = transformer_blocks(model)
+        spans = [Span(site) for site in sites(len(blocks), self.encoder_depth)]
+        hooks = []
+        for i, block in enumerate(blocks):
+            member = [(span, i == span.site.start, i == span.site.stop - 1) for span in spans if span.site.start <= i < span.site.stop]
+            hook = BlockHook(mode, TransformerBlockRegistry.get(type(block)), member)
+            add_hook(block, hook, name)
+            hooks.append((block, hook))
+        return hooks
+
+    def supported_levels(self, model, guided=True):
+        levels = TRANSFORMER_LEVELS if len(transformer_blocks(model)) >= 3 else (FULL, ENCODER)
+        return levels if guided else tuple(lv for lv in levels if lv not in CONDITIONAL_ONLY)
+
+    def guidance(self, pipe, loop_locals):
+        """From the loop's own variables where the pipeline keeps them there: Flux's ``do_true_cfg`` (a call per
+        branch), ``do_classifier_free_guidance`` (SD3's property, PixArt's local), DiT's ``guidance_scale``."""
+        if "do_true_cfg" in loop_locals:
+            return Guidance("calls") if loop_locals["do_true_cfg"] else None
+        guided = getattr(pipe, "do_classifier_free_guidance", loop_locals.get("do_classifier_free_guidance"))
+        if guided is None and "guidance_scale" in loop_locals:
+            guided = loop_locals["guidance_scale"] > 1
+        model = self.find(pipe)
+        return Guidance("halves", cond_first=isinstance(model, CONDITIONAL_FIRST)) if guided else None

@@ -1,0 +1,203 @@
+"""The transformer split on the ordinary pipe(...) call of tiny DiT, PixArt-alpha/-sigma, SD3 and Flux pipelines."""
+
+import pytest
+import torch
+from tiny_transformers import PIPELINES
+
+import faster_diffusion
+from faster_diffusion.transformer_split import sites, transformer_blocks
+
+STEPS = 6
+PLANS = ["FEEFEE", "FDDFDD", "FCCFCC", "FEDFCE"]
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def case(request):
+    build, kwargs = PIPELINES[request.param]
+    pipe = build()
+    yield request.param, pipe, kwargs
+    faster_diffusion.disable(pipe)
+
+
+def run(pipe, kwargs, steps=STEPS, **overrides):
+    result = pipe(**{**kwargs, **overrides}, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    return result.images if hasattr(result, "images") else result[0]
+
+
+def relative(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_all_full_equals_stock(case):
+    _, pipe, kwargs = case
+    stock = run(pipe, kwargs)
+    for options in (dict(plan="F" * STEPS), dict(key_steps="all", noise_injection=0)):
+        accel = faster_diffusion.enable(pipe, **options)
+        assert torch.equal(run(pipe, kwargs), stock)
+        assert accel.stats["encoder_passes"] == STEPS
+    faster_diffusion.disable(pipe)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_parallel_equals_sequential(case, plan):
+    _, pipe, kwargs = case
+    faster_diffusion.enable(pipe, plan=plan, parallel=False)
+    sequential = run(pipe, kwargs)
+    accel = faster_diffusion.enable(pipe, plan=plan, parallel=True)
+    parallel = run(pipe, kwargs)
+    assert relative(parallel, sequential) <= 1e-5
+    faster_diffusion.disable(pipe)
+    assert relative(run(pipe, kwargs), sequential) > 1e-4  # the plan did change the computation
+    assert accel.stats["plan"] == plan and accel.stats["steps"] == STEPS
+
+
+def test_paper_key_steps_batch_decoders(case):
+    """The paper's DiT method: encoder steps run as one call with their key step, each at its own timestep."""
+    _, pipe, kwargs = case
+    faster_diffusion.enable(pipe, key_steps=[0, 3], parallel=False, noise_injection=0)
+    sequential = run(pipe, kwargs)
+    accel = faster_diffusion.enable(pipe, key_steps=[0, 3], parallel=True, noise_injection=0)
+    parallel = run(pipe, kwargs)
+    assert relative(parallel, sequential) <= 1e-5
+    assert (accel.stats["encoder_passes"], accel.stats["decoder_passes"], accel.stats["unet_calls"]) == (2, STEPS, 2)
+    faster_diffusion.disable(pipe)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_stats_agree_with_block_calls(case, parallel):
+    """Each block computes exactly at the calls whose level does not replay it (forward hooks on its attention)."""
+    name, pipe, kwargs = case
+    blocks = transformer_blocks(pipe.transformer)
+    counts = [0] * len(blocks)
+    handles = [_attention(block).register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+               for i, block in enumerate(blocks)]
+    try:
+        plan = "FEEDCF"
+        accel = faster_diffusion.enable(pipe, plan=plan, parallel=parallel)
+        run(pipe, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert accel.stats["levels"] == {"full": 2, "encoder": 2, "deep": 1, "deep_cfg": 1}
+    branches = 2 if name == "flux" else 1  # true CFG: a transformer call per branch; a deep_cfg step skips the second
+    calls = ["full", "encoder", "encoder", "deep", "deep_cfg", "full"]
+    if parallel:
+        calls = ["full", "deep", "deep_cfg", "full"]  # the encoder steps' decoders run in step 0's call
+    assert accel.stats["unet_calls"] == len(calls)
+    replayed = sites(len(blocks))
+    expected = [sum((1 if level == "deep_cfg" else branches) for level in calls
+                    if not any(s.start <= i < s.stop and level in s.replayed_at for s in replayed)) for i in range(len(blocks))]
+    assert counts == expected
+    faster_diffusion.disable(pipe)
+
+
+def test_cfg_reuse_estimates_the_unconditional_branch(case):
+    """At a deep_cfg step the conditional branch is the deep step's, the unconditional one the conditional less the
+    guidance difference of the step before (DiT's rows are [conditional, unconditional]; Flux's are two calls)."""
+    name, pipe, kwargs = case
+    outputs = {}
+    for plan in ("FDFFFF", "FCFFFF"):
+        calls = outputs[plan] = []
+        handle = pipe.transformer.register_forward_hook(lambda _, __, out, calls=calls: calls.append(out[0]))
+        faster_diffusion.enable(pipe, plan=plan)
+        run(pipe, kwargs)
+        handle.remove()
+    if name == "flux":  # [step 0 cond, step 0 uncond, step 1 cond, step 1 uncond, ...]
+        (cond0, uncond0, deep_cond, _), (_, _, cond, uncond) = outputs["FDFFFF"][:4], outputs["FCFFFF"][:4]
+    else:
+        halves = lambda out: out.chunk(2) if name == "dit" else out.chunk(2)[::-1]  # noqa: E731  (conditional first)
+        (cond0, uncond0), (deep_cond, _), (cond, uncond) = halves(outputs["FDFFFF"][0]), halves(outputs["FDFFFF"][1]), halves(outputs["FCFFFF"][1])
+    assert relative(cond, deep_cond) <= 1e-5
+    assert relative(uncond, cond - (cond0 - uncond0)) <= 1e-5
+    faster_diffusion.disable(pipe)
+
+
+def test_disable_restores_stock(case):
+    _, pipe, kwargs = case
+    stock = run(pipe, kwargs)
+    faster_diffusion.enable(pipe, plan="FEDCEF")
+    run(pipe, kwargs)
+    faster_diffusion.disable(pipe)
+    for module in pipe.transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        assert registry is None or not any(name.startswith("faster_diffusion") for name in registry.hooks)
+        assert "forward" not in module.__dict__ or registry is not None
+    assert not hasattr(pipe.transformer, "_faster_diffusion")
+    assert torch.equal(run(pipe, kwargs), stock)
+
+
+def test_a_loop_left_by_an_exception_ends_its_run(case):
+    """DiT's loop is `for t in self.progress_bar(timesteps)`: its run must not outlive a loop an exception left."""
+    _, pipe, kwargs = case
+    stock = run(pipe, kwargs)
+    accel = faster_diffusion.enable(pipe, plan="FEDFED")
+    planned = run(pipe, kwargs)
+    calls = []
+
+    def fail_at_step_two(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(fail_at_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(pipe, kwargs)
+    handle.remove()
+    assert torch.equal(run(pipe, kwargs), planned)
+    assert accel.stats["unet_calls"] == 4 and accel.stats["plan"] == "FEDFED"  # F+E, D, F+E, D
+    faster_diffusion.disable(pipe)
+    assert torch.equal(run(pipe, kwargs), stock) and relative(planned, stock) > 1e-4
+
+
+def test_encoder_depth(case):
+    _, pipe, kwargs = case
+    n = len(transformer_blocks(pipe.transformer))
+    assert sites(n)[0].stop == 3  # the paper's 18 of 28 blocks, of 4
+    outputs = []
+    for depth in (1, n - 1):
+        faster_diffusion.enable(pipe, plan="FEEFEE", encoder_depth=depth)
+        outputs.append(run(pipe, kwargs))
+    assert relative(outputs[0], outputs[1]) > 1e-4
+    with pytest.raises(ValueError, match="encoder_depth"):
+        faster_diffusion.enable(pipe, plan="FEEFEE", encoder_depth=n)
+        run(pipe, kwargs)
+    faster_diffusion.disable(pipe)
+
+
+def test_bad_plans_name_the_field(case):
+    name, pipe, kwargs = case
+    bad = [
+        (dict(plan="FEQ"), "plan", "F/E/S/D/X/C/Y"),
+        (dict(plan="auto"), "plan", "explicit levels"),
+        (dict(key_steps="auto"), "key_steps", "'paper', 'all'"),
+        (dict(key_steps=[0, 3, 2]), "key_steps", "strictly increasing"),
+    ]
+    for options, field, accepted in bad:
+        with pytest.raises(ValueError, match=field) as error:
+            faster_diffusion.enable(pipe, **options)
+        assert accepted in str(error.value)
+    for plan, field, accepted in [("FEE", "plan", "the run has 6 steps"), ("FSSFSS", "plan", "supports ['full', 'encoder', 'deep', 'deep_cfg']")]:
+        faster_diffusion.enable(pipe, plan=plan)
+        with pytest.raises(ValueError, match=field) as error:
+            run(pipe, kwargs)
+        assert accepted in str(error.value)
+    unguided = dict(negative_prompt=None) if name == "flux" else dict(guidance_scale=1.0)
+    faster_diffusion.enable(pipe, plan="FCCFCC")
+    with pytest.raises(ValueError, match="plan: levels \\['deep_cfg'\\]"):
+        run(pipe, kwargs, **unguided)
+    faster_diffusion.disable(pipe)
+
+
+def test_unguided_runs(case):
+    """Without guidance the other levels run, one call a step (Flux without a negative prompt, guidance_scale=1)."""
+    name, pipe, kwargs = case
+    unguided = dict(negative_prompt=None) if name == "flux" else dict(guidance_scale=1.0)
+    stock = run(pipe, kwargs, **unguided)
+    accel = faster_diffusion.enable(pipe, plan="FEDFED")
+    assert relative(run(pipe, kwargs, **unguided), stock) > 1e-4
+    assert accel.stats["levels"] == {"full": 2, "encoder": 2, "deep": 2}
+    faster_diffusion.disable(pipe)
+
+
+def _attention(block):
+    return getattr(block, "attn", None) or block.attn1
