@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""faster-diffusion on a transformer side by side with diffusers' own cache hooks, in one process.
+
+The bundled ``weights/tiny-shapes-flux`` (a FluxPipeline with true classifier-free guidance: two
+transformer calls a step, each in its own ``cache_context``) at its default call: ``negative_prompt=""``,
+``true_cfg_scale=4``, 28 FlowMatch Euler steps, 64², ``max_sequence_length=32``, batch ``--batch``, CPU fp32,
+1 torch thread. ``--model`` takes another FluxPipeline directory.
+
+Methods (``--methods``, a comma list; stock always runs, it is the reference):
+
+  fbc:T          diffusers FirstBlockCacheConfig(threshold=T)
+  taylorseer:N   diffusers TaylorSeerCacheConfig(cache_interval=N) (its other settings at their defaults)
+  magcache:T     diffusers MagCacheConfig(threshold=T, mag_ratios=...) with the ratios of its own calibration
+                 run (``calibrate=True`` on the first prompt, before any timing)
+  fastercache    diffusers FasterCacheConfig(spatial_attention_block_skip_range=2, is_guidance_distilled=True:
+                 FluxPipeline guides by two calls, not a batch FasterCache could split), the pipeline's timestep
+  pab:N          diffusers PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=N), the pipeline's timestep
+  fd:SPEC        faster_diffusion.enable(pipe, key_steps=SPEC): the paper's encoder propagation (DiT version)
+  plan:SPEC      faster_diffusion.enable(pipe, plan=SPEC): explicit levels, or "auto"/"auto:T" where calibrated
+
+diffusers' hooks are applied with ``pipe.transformer.enable_cache(config)`` and removed with
+``disable_cache()``; ours with ``faster_diffusion.enable`` / ``disable``. Timing: ``--warmup`` untimed calls
+per method, then per repeat and prompt every method once, the order rotating by one each prompt; seconds
+per image are the median over prompts x repeats of the whole call (``output_type="np"``: text encoders,
+loop, VAE decode). FLOPs: one more call per method under ``FlopCounterMode``. Quality: PSNR to the stock
+image of the same seed and the shapes detector's colour / shape / position against the caption.
+
+    python bench/peers_transformers.py --out bench/results/peers_transformers_cpu_tiny_shapes_flux
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+
+import numpy as np
+import torch
+
+DEFAULT_METHODS = ("fbc:0.05,fbc:0.1,fbc:0.2,fbc:0.4,taylorseer:2,taylorseer:3,taylorseer:4,magcache:0.06,magcache:0.12,"
+                   "fastercache,pab:2,fd:paper")
+
+
+def diffusers_config(method: str, pipe, mag_ratios):
+    """The diffusers cache config of ``method``, or None for one of ours."""
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                           TaylorSeerCacheConfig)
+
+    name, _, arg = method.partition(":")
+    timestep = lambda: pipe.current_timestep  # noqa: E731  (FluxPipeline's, in its own units)
+    if name == "fbc":
+        return FirstBlockCacheConfig(threshold=float(arg))
+    if name == "taylorseer":
+        return TaylorSeerCacheConfig(cache_interval=int(arg), taylor_factors_dtype=torch.float32)
+    if name == "magcache":
+        return MagCacheConfig(threshold=float(arg), mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
+    if name == "fastercache":
+        return FasterCacheConfig(spatial_attention_block_skip_range=2, is_guidance_distilled=True, current_timestep_callback=timestep)
+    if name == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(arg), current_timestep_callback=timestep)
+    return None
+
+
+def mag_calibration(pipe, call) -> list[float]:
+    """MagCache's own calibration: one stock run with ``calibrate=True``; the ratios it prints."""
+    from diffusers import MagCacheConfig
+
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=call["num_inference_steps"]))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            pipe(**call)
+    finally:
+        pipe.transformer.disable_cache()
+    lists = re.findall(r"\[([-0-9.eE, ]+)\]", printed.getvalue())
+    if not lists:
+        raise RuntimeError(f"MagCache printed no ratios: {printed.getvalue()[-300:]}")
+    return [float(x) for x in lists[-1].split(",")]
+
+
+@contextlib.contextmanager
+def applied(method: str, pipe, mag_ratios):
+    import faster_diffusion
+
+    if method == "stock":
+        yield None
+        return
+    config = diffusers_config(method, pipe, mag_ratios)
+    if config is not None:
+        pipe.transformer.enable_cache(config)
+        try:
+            yield None
+        finally:
+            pipe.transformer.disable_cache()
+        return
+    name, _, spec = method.partition(":")
+    options = {"key_steps": spec} if name == "fd" else {"plan": spec}
+    accel = faster_diffusion.enable(pipe, **options)
+    try:
+        yield accel
+    finally:
+        faster_diffusion.disable(pipe)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=common.ROOT / "weights" / "tiny-shapes-flux")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="images per call (num_images_per_prompt)")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-flops", dest="flops", action="store_false")
+    ap.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "peers_transformers_cpu_tiny_shapes_flux")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from diffusers import FluxPipeline
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from faster_diffusion.quality import shapes
+    from faster_diffusion.quality.evaluate import FLUX_CALL, prompt_set
+
+    pipe = FluxPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    methods = ["stock", *[m for m in args.methods.split(",") if m and m != "stock"]]
+    items = prompt_set(args.num_prompts, 1)
+
+    def call(prompt, seed):
+        return dict(prompt=prompt, num_inference_steps=args.steps, num_images_per_prompt=args.batch, output_type="np",
+                    generator=torch.Generator().manual_seed(seed), **FLUX_CALL)
+
+    mag_ratios = mag_calibration(pipe, call(*items[0])) if any(m.startswith("magcache") for m in methods) else None
+    seconds = {m: [] for m in methods}
+    images = {m: {} for m in methods}
+    stats = {}
+    for m in methods:  # warm-up
+        with applied(m, pipe, mag_ratios):
+            for _ in range(args.warmup):
+                pipe(**call(*items[0]))
+    for r in range(args.repeats):
+        for k, (prompt, seed) in enumerate(items):
+            shift = (r * len(items) + k) % len(methods)
+            for m in methods[shift:] + methods[:shift]:
+                with applied(m, pipe, mag_ratios) as accel:
+                    begin = time.perf_counter()
+                    out = pipe(**call(prompt, seed)).images
+                    seconds[m].append((time.perf_counter() - begin) / args.batch)
+                    if accel is not None and accel.stats:
+                        stats[m] = {key: accel.stats.get(key) for key in ("plan", "levels", "key_steps", "schedule_source")}
+                if r == 0:
+                    images[m][k] = out
+        print(f"  repeat {r + 1}/{args.repeats} done", flush=True)
+    flops = {}
+    if args.flops:
+        for m in methods:
+            with applied(m, pipe, mag_ratios), FlopCounterMode(display=False) as counter:
+                pipe(**call(*items[0]))
+            flops[m] = counter.get_total_flops() / args.batch
+    rows = []
+    stock_s = statistics.median(seconds["stock"])
+    for m in methods:
+        psnr, right = [], {"colour": 0, "shape": 0, "position": 0, "all": 0}
+        for k, (prompt, _) in enumerate(items):
+            for ref, img in zip(images["stock"][k], images[m][k]):
+                mse = float(np.mean((ref.astype(np.float64) - img.astype(np.float64)) ** 2))
+                psnr.append(float("inf") if mse == 0 else 10 * np.log10(1.0 / mse))
+                target = shapes.parse_caption(prompt)
+                found = shapes.detect((img * 255).round().astype(np.uint8)).attributes
+                ok = [found.colour == target.colour, found.shape == target.shape, found.position == target.position]
+                for key, hit in zip(("colour", "shape", "position"), ok):
+                    right[key] += hit
+                right["all"] += all(ok)
+        n = len(psnr)
+        s = statistics.median(seconds[m])
+        rows.append({"method": m, "seconds": round(s, 4), "speedup": round(stock_s / s, 3),
+                     "flop_speedup": round(flops["stock"] / flops[m], 3) if flops else None,
+                     "psnr": round(float(np.mean(psnr)), 2) if m != "stock" else None,
+                     **{key: round(v / n, 4) for key, v in right.items()}, "stats": stats.get(m)})
+    env = common.environment()
+    result = {"environment": env, "model": str(args.model), "call": {**FLUX_CALL, "num_inference_steps": args.steps, "batch": args.batch},
+              "prompts": args.num_prompts, "repeats": args.repeats, "mag_ratios": mag_ratios, "rows": rows}
+    lines = ["| method | s/image | speed-up | FLOP speed-up | PSNR to stock | colour | shape | position | all three |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        fs = f"{row['flop_speedup']:.2f}×" if row["flop_speedup"] else "–"
+        ps = "–" if row["psnr"] is None else f"{row['psnr']:.1f} dB"
+        lines.append(f"| {row['method']} | {row['seconds']:.3f} | {row['speedup']:.2f}× | {fs} | {ps} | "
+                     + " | ".join(f"{100 * row[k]:.1f}%" for k in ("colour", "shape", "position", "all")) + " |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(f"# Transformer peers on {args.model.name}\n\n- {json.dumps(result['call'])}\n"
+                                           f"- {env.get('date_utc')}, commit {env.get('git_commit')}, load {env.get('load_avg')}\n"
+                                           f"- command: `{' '.join(sys.argv)}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
