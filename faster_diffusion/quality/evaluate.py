@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..samplers import FLOW_SAMPLERS, make_flow_scheduler
 from . import shapes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +93,8 @@ FLUX_SETTINGS: dict[str, tuple[str, int]] = {
     "flux-unipc": ("unipc", 20),
     "flux-dpm": ("dpm", 20),
 }
-FLUX_SAMPLER_NAMES = {"euler": "FlowMatch Euler", "unipc": "UniPC (flow)", "dpm": "DPM-Solver++ (flow)"}
+#: flow sampler (an alias in faster_diffusion.samplers.FLOW_SAMPLERS) -> display name
+FLUX_SAMPLER_NAMES = {s.aliases[0]: s.label for s in FLOW_SAMPLERS.values()}
 FLUX_TRUE_CFG = 4.0
 FLUX_CALL = dict(negative_prompt="", true_cfg_scale=FLUX_TRUE_CFG, height=64, width=64, max_sequence_length=32)
 
@@ -333,33 +335,10 @@ def is_flux(model) -> bool:
 
 
 def flux_scheduler(pipe, sampler: str):
-    """A flow-matching sampler FluxPipeline can drive, on the model's sigmas.
-
-    ``euler`` is the model's own ``FlowMatchEulerDiscreteScheduler``. ``unipc`` and ``dpm`` are the multistep
-    solvers configured for flow (``use_flow_sigmas``, ``prediction_type="flow_prediction"``; FluxPipeline then
-    lets them space their own sigmas) and the model's dynamic shifting: FluxPipeline computes ``mu`` from the
-    scheduler's ``base_image_seq_len`` / ``max_image_seq_len`` / ``base_shift`` / ``max_shift`` (Flux's defaults
-    when absent), so the model's values are registered on the new scheduler's config too, and the shift is the
-    model's own (exp(mu) = 1 at 64 px for weights/tiny-shapes-flux). FlowMatchHeunDiscreteScheduler is not
-    offered: its ``set_timesteps`` takes no ``sigmas``, which FluxPipeline always passes.
-    """
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-    if sampler == "euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    own = pipe.scheduler.config
-    dynamic = bool(own.get("use_dynamic_shifting", False))
-    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=float(own.get("shift", 1.0)),
-                use_dynamic_shifting=dynamic, time_shift_type="exponential", num_train_timesteps=1000)
-    if sampler == "unipc":
-        scheduler = UniPCMultistepScheduler(**flow)
-    elif sampler == "dpm":
-        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
-    else:
-        raise ValueError(f"unknown flow sampler {sampler!r}; known: {list(FLUX_SAMPLER_NAMES)}")
-    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
-    scheduler.register_to_config(**{k: own[k] for k in keys if k in own})
-    return scheduler
+    """A flow-matching sampler FluxPipeline can drive, on the model's sigmas: ``euler`` (the model's own
+    ``FlowMatchEulerDiscreteScheduler``), ``unipc`` or ``dpm``, as ``faster_diffusion.samplers.make_flow_scheduler``
+    builds them (the one table of flow samplers, shared with the service)."""
+    return make_flow_scheduler(sampler, pipe.scheduler.config)
 
 
 def evaluate_flux(
