@@ -5,7 +5,8 @@ over a whole run: DiT-XL/2 256² (250 steps, against the paper's 34%), PixArt-Si
 
 The levels are ``faster_diffusion.transformer_split``'s: ``encoder`` replays the first K blocks (the paper's
 18 of 28, as a share of the stack), ``deep`` replays every block but the first and the last (residual reuse),
-``deep_cfg`` is ``deep`` on the conditional half of a guided step. Each model is built from its public config
+``deep_cfg`` is ``deep`` on the conditional half of a guided step (the forecasting levels do the work of the
+level they forecast: their extrapolation is elementwise). Each model is built from its public config
 (bench/configs/*_transformer.json) on PyTorch's meta device (no weights, no arithmetic) and one stock forward
 is counted by ``torch.utils.flop_counter.FlopCounterMode`` per module (a multiply-add = 2 FLOPs; norms,
 activations and softmax are not counted). A level's FLOPs are the full call's less those of the blocks it
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from faster_diffusion.family import CONDITIONAL_ONLY  # noqa: E402
 from faster_diffusion.schedules import key_step_indices  # noqa: E402
 from faster_diffusion.transformer_split import TRANSFORMER_LEVELS, sites  # noqa: E402
 
@@ -112,7 +114,8 @@ def level_fractions(full: float, blocks: list[float]) -> dict[str, float]:
     for level in TRANSFORMER_LEVELS:
         replayed = {i for s in sites(len(blocks)) if level in s.replayed_at for i in range(s.start, s.stop)}
         fractions[level] = (full - sum(blocks[i] for i in replayed)) / full
-    fractions["deep_cfg"] /= 2  # the conditional half of the rows (or one of true CFG's two calls)
+        if level in CONDITIONAL_ONLY:  # the conditional half of the rows (or one of true CFG's two calls)
+            fractions[level] /= 2
     return fractions
 
 

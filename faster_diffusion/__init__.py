@@ -1,4 +1,4 @@
-"""faster-diffusion: training-free Stable Diffusion acceleration by reusing UNet features across steps.
+"""faster-diffusion: training-free diffusion acceleration by reusing a UNet's or a transformer's features across steps.
 
     import faster_diffusion
     accel = faster_diffusion.enable(pipe, plan="auto")   # or key_steps="paper": the paper's encoder propagation

@@ -1,30 +1,35 @@
-"""The accelerator: owns the state of one denoising run and drives the UNet split.
+"""The accelerator: owns the state of one denoising run and drives a denoiser family's split.
+
+The denoiser is a UNet (``unet_split``) or a transformer (``transformer_split``); what differs between them
+is asked of its family (``family.DenoiserFamily``), never branched on here.
 
 ``FasterDiffusion`` attaches to a diffusers pipeline without replacing its
-``__call__``. Every diffusers pipeline wraps its denoising loop in
-``with self.progress_bar(total=...)``; the accelerator wraps that method, so a
-*run* starts when the loop starts and ends (caches freed, stats final) when it
-ends, even if the loop raises. Inside a run:
+``__call__``. Diffusers pipelines wrap their denoising loop in
+``with self.progress_bar(total=...)`` (DiT: ``for t in self.progress_bar(timesteps)``);
+the accelerator wraps that method, so a *run* starts when the loop starts and ends
+(caches freed, stats final) when it ends, even if the loop raises. Inside a run:
 
-- each UNet call is one sampling step (the SD-family loops call the UNet once
-  per step, with the classifier-free-guidance batch concatenated); the step
-  index decides whether the encoder runs (``schedules.key_step_indices``);
+- each model call is one sampling step (the SD-family loops call the UNet once
+  per step, with the classifier-free-guidance batch concatenated; Flux with true
+  CFG calls the transformer once per branch, each in its own ``cache_context``,
+  and the second call belongs to the step of the first); the step index decides
+  whether the encoder runs (``schedules.key_step_indices``);
 - a calibrated schedule (``"auto"``, ``"auto:B"``) is resolved at the first UNet
   call, when the run's timesteps and latent size are known, from the first
   matching calibration of: the ``calibration`` argument, this accelerator's
   earlier runs, the model directory's ``calibration/*.json``; with none, this
-  run is a stock run that calibrates (``_find_calibration``);
-- in parallel mode, a key step's UNet call also runs the decoders of the
+  run is a stock run that calibrates (``_find_calibration``); UNets only, for now;
+- in parallel mode, a key step's call also runs the decoders of the
   following non-key steps in one batch, and their outputs are returned at those
-  steps without running the UNet;
+  steps without running the model;
 - a ControlNet runs only at key steps; its residuals are replayed otherwise;
 - prior noise injection adds ``noise_injection * z_T`` to the (variance-preserving) latent
   after each scheduler step whose *next* timestep is below ``noise_injection_timestep``.
 
-With ``plan`` instead of ``key_steps``, every step has a level of reuse (``unet_split.LEVELS``: full,
-encoder, shallow, deep); ``plan="auto"`` / ``"auto:T"`` are chosen at the first UNet call from the
-calibration's error model and this device's cost model, measured then on the run's own inputs
-(``faster_diffusion.plan``). Key steps are the plan of full and encoder steps.
+With ``plan`` instead of ``key_steps``, every step has a level of reuse (``family.LEVELS``: full,
+encoder, shallow, deep, ...; each family supports some); ``plan="auto"`` / ``"auto:T"`` are chosen at the
+first UNet call from the calibration's error model and this device's cost model, measured then on the
+run's own inputs (``faster_diffusion.plan``). Key steps are the plan of full and encoder steps.
 
 A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
 """

@@ -150,6 +150,18 @@ def family_of(pipe_or_model) -> tuple[DenoiserFamily, torch.nn.Module] | None:
     return None
 
 
+def forecast_coefficient(history, step: int, weights) -> float | None:
+    """c in f1 + c * (f1 - f0) at ``step``, from ``history`` = [(s0, f0), (s1, f1)], the latest two full steps:
+    the distance past s1 over s1 - s0, times the fitted weight of that distance (``weights[m - 1, k]``; 1 without
+    one). None without two full steps."""
+    if len(history) < 2:
+        return None
+    (s0, _), (s1, _) = history
+    m, k = s1 - s0, step - s1 - 1
+    known = weights is not None and m <= weights.shape[0] and k < weights.shape[1]
+    return (float(weights[m - 1, k]) if known else 1.0) * (k + 1) / m
+
+
 def as_float(timestep) -> float:
     """A loop's timestep as a number (pipelines pass a scalar, a 0-d or a batch-expanded tensor)."""
     return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)

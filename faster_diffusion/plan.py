@@ -126,7 +126,8 @@ def check_levels(levels, num_steps: int, guided: bool) -> None:
     if unguided and not guided:
         raise ValueError(f"plan: levels {unguided} reuse the guidance difference and need classifier-free guidance on "
                          "[unconditional, conditional] rows (a text-to-image, img2img, inpainting or ControlNet pipeline "
-                         "called with guidance_scale > 1)")
+                         "called with guidance_scale > 1), or in a call per branch (FluxPipeline with true_cfg_scale > 1 "
+                         "and a negative prompt)")
 
 
 def plan_letters(levels) -> str:

@@ -24,6 +24,11 @@ Levels (letters as in ``plan``):
   latent, the residual of the blocks between them is the latest full step's.
 - ``deep_cfg`` (C): ``deep`` on the conditional rows (or the conditional call) only; the unconditional output
   is the conditional one less the guidance difference of the latest step that ran both.
+- ``deep_forecast`` (X), ``deep_cfg_forecast`` (Y): ``deep`` and ``deep_cfg`` with the residual (and the guidance
+  difference) extrapolated from the latest two full steps, as TaylorSeer forecasts features: ``r1 + c (r1 - r0)``,
+  ``c`` the step's distance past the latest full step over the two full steps' distance. A full step counts when
+  it ran alone; an encoder step or a batched group starts the history again (so parallel equals sequential).
+  Without two full steps they replay like the level they forecast.
 
 State lives in the hooks for one run (``reset_state``), per guidance branch where the pipeline calls the model
 once per branch inside ``cache_context``.
@@ -47,13 +52,17 @@ from .family import (
     CONDITIONAL_ONLY,
     DEEP,
     DEEP_CFG,
+    DEEP_CFG_FORECAST,
+    DEEP_FORECAST,
     ENCODER,
+    FORECASTING,
     FULL,
     DenoiserFamily,
     Guidance,
     StepMode,
     add_hook,
     first_rows,
+    forecast_coefficient,
     map_tensors,
     repeat_batch,
 )
@@ -65,7 +74,7 @@ CONDITIONAL_FIRST = (DiTTransformer2DModel,)
 TIMESTEP_IN_THOUSANDTHS = (FluxTransformer2DModel,)
 #: The paper's DiT-XL/2 split: the first 18 of its 28 blocks are the encoder.
 PAPER_ENCODER_FRACTION = 18 / 28
-TRANSFORMER_LEVELS = (FULL, ENCODER, DEEP, DEEP_CFG)
+TRANSFORMER_LEVELS = (FULL, ENCODER, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ def sites(num_blocks: int, encoder_depth: int | None = None) -> list[Site]:
         raise ValueError(f"encoder_depth={encoder_depth!r}: the encoder is 1 to {num_blocks - 1} of this model's {num_blocks} blocks")
     found = [Site(0, depth, frozenset({ENCODER}), shared=True, residual=False)]
     if num_blocks >= 3:  # a first and a last block around what is replayed
-        found.append(Site(1, num_blocks - 1, frozenset({DEEP, DEEP_CFG}), shared=False, residual=True))
+        found.append(Site(1, num_blocks - 1, frozenset({DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST}), shared=False, residual=True))
     return found
 
 
@@ -101,12 +110,14 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
 
 
 class SpanState:
-    """What one site keeps for one guidance branch: the output, or the span's input and then its residual."""
+    """What one site keeps for one guidance branch: the output, or the span's input and then its residual (and
+    the residuals of the latest two lone full steps, when the run forecasts)."""
 
     def __init__(self):
         self.output = None
         self.input = None
         self.residual = None
+        self.history = []  # (step, residual)
 
 
 class Span:
@@ -132,11 +143,15 @@ class BlockHook(ModelHook):
         super().__init__()
         self.mode, self.metadata = mode, metadata
         self.spans = spans  # (span, whether this block opens it, whether it closes it)
+        # the block that closes the residual site: the accelerator reads its history for the guidance's forecast
+        self.forecasts = any(closes and span.site.residual for span, _, closes in spans)
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.mode
         if not mode.active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if self.forecasts and mode.keep_history and (mode.level == ENCODER or mode.group_size > 1):
+            self._residual_state().history = []  # the next forecast extrapolates from full steps after this one
         for span, _, last in self.spans:
             if mode.level in span.site.replayed_at:
                 streams = self._streams_in(args, kwargs)
@@ -160,6 +175,8 @@ class BlockHook(ModelHook):
                 state.input = inputs
             if closes and span.site.residual:
                 state.residual = map_tensors(torch.sub, outputs, state.input)
+                if self.mode.keep_history and self.mode.group_size == 1:
+                    state.history = [*state.history[-1:], (self.mode.step, state.residual)]
             elif closes:
                 state.output = outputs
 
@@ -167,6 +184,8 @@ class BlockHook(ModelHook):
         mode = self.mode
         state = span.states.get(mode.branch)
         kept = None if state is None else (state.residual if span.site.residual else state.output)
+        forecast = self._forecast(state.history) if kept is not None and mode.level in FORECASTING else None
+        kept = kept if forecast is None else forecast
         if kept is None:
             raise RuntimeError(f"faster_diffusion: a {mode.level} step ran before any full step computed the blocks it reuses")
         if mode.level in CONDITIONAL_ONLY and mode.guidance.layout == "halves":
@@ -174,6 +193,25 @@ class BlockHook(ModelHook):
         if not span.site.residual:
             return repeat_batch(kept, mode.rows, mode.group_size)
         return tuple(x if r is None else x + r for x, r in zip(streams, kept))
+
+    def _forecast(self, history):
+        """The residual extrapolated from the latest two full steps; None without them."""
+        c = forecast_coefficient(history, self.mode.step, self.mode.forecast_weights.get(self.mode.level))
+        if c is None:
+            return None
+        (_, r0), (_, r1) = history
+        return map_tensors(lambda a, b: a + c * (a - b), r1, r0)
+
+    @property
+    def history(self) -> list:
+        """The closing block's history for the current branch (what ``forecast_coefficient`` reads)."""
+        return self._residual_state().history
+
+    def forecast_coefficient(self) -> float | None:
+        return forecast_coefficient(self.history, self.mode.step, self.mode.forecast_weights.get(self.mode.level))
+
+    def _residual_state(self) -> SpanState:
+        return next(span for span, _, closes in self.spans if closes and span.site.residual).state(self.mode.branch)
 
     def _streams_in(self, args, kwargs):
         """(hidden states, encoder hidden states or None) a block was called with."""

@@ -45,6 +45,7 @@ from .family import (  # noqa: F401  (the level names and helpers, importable fr
     add_hook,
     as_float,
     first_rows,
+    forecast_coefficient,
     last_rows,
     map_tensors,
     remove_hook,
@@ -140,13 +141,7 @@ class ReplayHook(ModelHook):
 
     def forecast_coefficient(self) -> float | None:
         """c in f1 + c * (f1 - f0) at the current step (at a forecasting level); None without two full steps."""
-        if len(self.history) < 2:
-            return None
-        (s0, _), (s1, _) = self.history
-        m, k = s1 - s0, self.mode.step - s1 - 1
-        weights = self.mode.forecast_weights.get(self.mode.level)
-        known = weights is not None and m <= weights.shape[0] and k < weights.shape[1]
-        return (float(weights[m - 1, k]) if known else 1.0) * (k + 1) / m
+        return forecast_coefficient(self.history, self.mode.step, self.mode.forecast_weights.get(self.mode.level))
 
     def _replayed(self):
         """The kept output, or at a forecasting level its extrapolation from the latest two full steps."""

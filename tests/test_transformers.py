@@ -8,7 +8,7 @@ import faster_diffusion
 from faster_diffusion.transformer_split import sites, transformer_blocks
 
 STEPS = 6
-PLANS = ["FEEFEE", "FDDFDD", "FCCFCC", "FEDFCE"]
+PLANS = ["FEEFEE", "FDDFDD", "FCCFCC", "FEDFCE", "FDFXXY", "FFEFYX"]
 
 
 @pytest.fixture(scope="module", params=list(PIPELINES))
@@ -112,6 +112,19 @@ def test_cfg_reuse_estimates_the_unconditional_branch(case):
     faster_diffusion.disable(pipe)
 
 
+def test_forecasts_extrapolate_from_two_lone_full_steps(case):
+    """X and Y extrapolate the residual (and Y the guidance difference) from the latest two full steps; with one
+    full step since an encoder step they replay like D and C."""
+    _, pipe, kwargs = case
+    outputs = {}
+    for plan in ("FFDDCC", "FFXXYY", "FEFDDC", "FEFXXY"):
+        faster_diffusion.enable(pipe, plan=plan, parallel=False)
+        outputs[plan] = run(pipe, kwargs)
+    assert relative(outputs["FFXXYY"], outputs["FFDDCC"]) > 1e-4
+    assert torch.equal(outputs["FEFXXY"], outputs["FEFDDC"])
+    faster_diffusion.disable(pipe)
+
+
 def test_disable_restores_stock(case):
     _, pipe, kwargs = case
     stock = run(pipe, kwargs)
@@ -176,7 +189,7 @@ def test_bad_plans_name_the_field(case):
         with pytest.raises(ValueError, match=field) as error:
             faster_diffusion.enable(pipe, **options)
         assert accepted in str(error.value)
-    for plan, field, accepted in [("FEE", "plan", "the run has 6 steps"), ("FSSFSS", "plan", "supports ['full', 'encoder', 'deep', 'deep_cfg']")]:
+    for plan, field, accepted in [("FEE", "plan", "the run has 6 steps"), ("FSSFSS", "plan", "supports ['full', 'encoder', 'deep', 'deep_forecast', 'deep_cfg', 'deep_cfg_forecast']")]:
         faster_diffusion.enable(pipe, plan=plan)
         with pytest.raises(ValueError, match=field) as error:
             run(pipe, kwargs)
@@ -201,3 +214,30 @@ def test_unguided_runs(case):
 
 def _attention(block):
     return getattr(block, "attn", None) or block.attn1
+
+
+def test_a_bare_transformer_in_a_hand_written_loop():
+    """enable(transformer) and accel.denoising_run(timesteps), as on a bare UNet; the model is stock again after."""
+    pipe = PIPELINES["dit"][0]()
+    model = pipe.transformer
+    torch.manual_seed(0)
+    latent, labels, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([3, 1000]), [900, 700, 500, 300]
+
+    def loop(accel=None):
+        outputs = []
+        with accel.denoising_run(timesteps) if accel is not None else torch.no_grad():
+            for t in timesteps:
+                outputs.append(model(latent, timestep=torch.tensor([t, t]), class_labels=labels).sample)
+        return torch.stack(outputs)
+
+    with torch.no_grad():
+        stock = loop()
+        sequential = loop(faster_diffusion.enable(model, plan="FEEF", parallel=False))
+        accel = faster_diffusion.enable(model, plan="FEEF", parallel=True)
+        parallel = loop(accel)
+        assert relative(parallel, sequential) <= 1e-5 and relative(parallel, stock) > 1e-4
+        assert accel.stats["unet_calls"] == 2
+        with pytest.raises(ValueError, match=r"plan: levels \['deep_cfg'\]"):  # no pipeline: no guidance to reuse
+            loop(faster_diffusion.enable(model, plan="FCCC"))
+        faster_diffusion.disable(model)
+        assert torch.equal(loop(), stock)
