@@ -112,6 +112,10 @@ class DenoiserFamily:
         """The image's latent size, (height, width) or (frames, height, width): what a calibration is made for."""
         return tuple(self.latent(call).shape[2:])
 
+    def runs_stock(self, call: dict) -> bool:
+        """Whether a call is outside the steps' plan and runs as it is (SD3's skip-layer guidance call)."""
+        return False
+
     def rows_inside(self, model, latent: torch.Tensor) -> int:
         """How many rows inside ``model`` one row of its latent becomes (a video UNet's frames), else 1."""
         return 1

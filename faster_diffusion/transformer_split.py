@@ -261,6 +261,9 @@ class TransformerFamily(DenoiserFamily):
         # Flux's packed (batch, tokens, 64) latents: the token grid is in img_ids, each token 2x2 latent pixels
         return tuple(2 * (int(ids[..., axis].max()) + 1) for axis in (1, 2))
 
+    def runs_stock(self, call):
+        return call.get("skip_layers") is not None  # SD3's skip-layer guidance: a third call at some steps
+
     def hooked_modules(self, model):
         return transformer_blocks(model)
 

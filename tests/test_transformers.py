@@ -216,6 +216,20 @@ def _attention(block):
     return getattr(block, "attn", None) or block.attn1
 
 
+def test_sd3_skip_layer_guidance_calls_run_stock():
+    """SD3's skip-layer guidance calls the transformer a third time at some steps, with skip_layers: that call runs
+    as it is, outside the plan."""
+    build, kwargs = PIPELINES["sd3"]
+    pipe = build()
+    kwargs = {**kwargs, "skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0}
+    stock = run(pipe, kwargs)
+    accel = faster_diffusion.enable(pipe, plan="F" * STEPS)
+    assert torch.equal(run(pipe, kwargs), stock)
+    accel = faster_diffusion.enable(pipe, plan="FEDFCX")
+    assert relative(run(pipe, kwargs), stock) > 1e-4 and accel.stats["unet_calls"] == 5
+    faster_diffusion.disable(pipe)
+
+
 def test_a_bare_transformer_in_a_hand_written_loop():
     """enable(transformer) and accel.denoising_run(timesteps), as on a bare UNet; the model is stock again after."""
     pipe = PIPELINES["dit"][0]()
