@@ -1,4 +1,4 @@
-"""Cog predictor: Stable Diffusion text-to-image, img2img and inpainting, accelerated by faster-diffusion.
+"""Cog predictor: Stable Diffusion text-to-image, img2img and inpainting, and Flux / SD3 text-to-image, accelerated by faster-diffusion.
 
 setup() loads the pipeline once (COG_WEIGHTS / setup's ``weights``, else
 weights/stable-diffusion-v1-5, else the bundled weights/tiny-shapes toy model;
@@ -6,7 +6,10 @@ SD1.x/2.x, SDXL or a ControlNet pipeline, as the weights' model_index.json says,
 with the weights' safety checker when they ship one), derives the img2img and
 inpainting pipelines from it (shared modules, no copy), builds every scheduler and
 makes sure the default sampler has a calibration at the native size (with the error model of
-plans) and warms up the planner's cost model (kept on disk by service.plans). run() holds the
+plans) and warms up the planner's cost model (kept on disk by service.plans). Flow-matching
+transformer weights (FluxPipeline, StableDiffusion3Pipeline) are loaded with their flow samplers and
+the call defaults they imply (service.weights.call_defaults), text-to-image only; none of the UNet's
+setup (derived pipelines, calibration, cost model) runs on them. run() holds the
 inputs and the sequence of steps; the concerns live in service/: planning and
 checking a request (service.request), the calibrations (service.calibrations, cached
 on disk by service.cache), the LoRA (service.lora), the safety checker
@@ -36,10 +39,10 @@ from service.cache import weights_identity
 from service.lora import applied_lora, resolve_lora
 from service.report import counted, passes_line
 from service.request import ACCELERATIONS, Acceleration, Planner, accelerated
-from service.schedulers import SCHEDULERS, make_scheduler
-from service.weights import load_pipeline, resolve_weights
+from service.schedulers import FLOW_SCHEDULERS, SCHEDULERS, flow_schedulers, make_scheduler
+from service.weights import SD_GUIDANCE, SD_SCHEDULER, SD_STEPS, load_pipeline, resolve_weights
 
-DEFAULT_SCHEDULER, DEFAULT_STEPS = "DDIM", 50
+DEFAULT_SCHEDULER, DEFAULT_STEPS = SD_SCHEDULER, SD_STEPS  # Stable Diffusion weights' (transformers': their own)
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 SAVE_OPTIONS = {"png": {}, "webp": {"quality": 95}, "jpg": {"quality": 95}}
 PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
@@ -56,6 +59,14 @@ class Predictor(BaseRunner):
             print(f"WARNING: {resolved.warning}", flush=True)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(resolved.path, device=self.device)
+        self.weights = resolved
+        self.base_config = self.pipe.scheduler.config  # every scheduler, also a calibration's, is built on it
+        self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
+        transformer = getattr(self.pipe, "transformer", None)
+        if transformer is not None:
+            self._setup_transformer(transformer, resolved, memory, started)
+            return
+        self.denoiser = self.pipe.unet
         img2img = inpaint = None
         if getattr(self.pipe, "controlnet", None) is None:
             img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
@@ -63,8 +74,6 @@ class Predictor(BaseRunner):
             for pipe in (img2img, inpaint):
                 pipe.set_progress_bar_config(disable=True)
         self.planner = Planner(self.pipe, img2img, inpaint)
-        self.weights = resolved
-        self.base_config = self.pipe.scheduler.config  # every scheduler, also a calibration's, is built on it
         self.schedulers = {name: make_scheduler(name, self.base_config) for name in SCHEDULERS}
         self.calibration_prompts = calibrations.calibration_prompts(resolved.path)
         self.store = calibrations.CalibrationStore(resolved.path, weights_identity(resolved.path))
@@ -73,7 +82,6 @@ class Predictor(BaseRunner):
             self._calibrate_at_setup(DEFAULT_SCHEDULER, DEFAULT_STEPS, self.planner.native_size)
             self._warm_up()
             self.cost_models.save_new()
-        self.out_dir = tempfile.mkdtemp(prefix="faster-diffusion-")  # emptied at each run: no pile-up in /tmp
         dtype = str(self.pipe.unet.dtype).replace("torch.", "")
         checker = "on by default" if safety.has_checker(self.pipe) else "none in these weights"
         print(
@@ -81,6 +89,29 @@ class Predictor(BaseRunner):
             f"{self.planner.native_size}px, max {self.planner.max_pixels} px/request, safety checker {checker}, "
             f"calibration cache {self.store.cache.folder}, {memory}) in "
             f"{time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+
+    def _setup_transformer(self, transformer, resolved, memory: str, started: float) -> None:
+        """Flux / SD3 weights: the flow samplers their pipeline can drive and the call defaults the weights imply;
+        text-to-image only, so no derived pipelines, and no calibration or cost model (the library plans UNets)."""
+        self.denoiser = transformer
+        self.schedulers = flow_schedulers(self.pipe)
+        self.planner = Planner(self.pipe, schedulers=self.schedulers)
+        self.store = self.cost_models = None
+        defaults = self.planner.defaults
+        guidance = defaults.guidance + (" (distilled)" if defaults.distilled else "")
+        if not self.planner.calibrates:
+            acceleration = "plan='auto' serves encoder propagation at key_steps='paper' (no calibration for transformers yet)"
+        else:
+            acceleration = "plan='auto' from the weights' calibrations, or a first run that calibrates"
+        dtype = str(transformer.dtype).replace("torch.", "")
+        print(
+            f"setup: loaded {resolved.path} ({type(self.pipe).__name__} with a {type(transformer).__name__}, {dtype} on "
+            f"{self.device}, native size {defaults.native_size}px, sizes multiples of {defaults.size_multiple}, max "
+            f"{self.planner.max_pixels} px/request; defaults {defaults.scheduler}-{defaults.num_inference_steps}, "
+            f"guidance_scale {defaults.guidance_scale:g} as {guidance}, max_sequence_length {defaults.max_sequence_length}; "
+            f"samplers {', '.join(self.schedulers)}; {acceleration}; {memory}) in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
 
@@ -92,14 +123,14 @@ class Predictor(BaseRunner):
         acceleration = Acceleration()
         with accelerated(pipe, acceleration, self._calibrations_for(self.planner.plan(
                 image=None, mask=None, prompt_strength=1.0, width=None, height=None, num_outputs=1,
-                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration, guidance_scale=7.5), DEFAULT_SCHEDULER)):
-            pipe("", num_inference_steps=DEFAULT_STEPS, guidance_scale=7.5, output_type="latent",
+                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration, guidance_scale=SD_GUIDANCE), DEFAULT_SCHEDULER)):
+            pipe("", num_inference_steps=DEFAULT_STEPS, guidance_scale=SD_GUIDANCE, output_type="latent",
                  generator=torch.Generator("cpu").manual_seed(0))
 
     @property
     def calibrations(self) -> list:
         """The calibrations this server made at setup (the shipped and cached ones are in ``self.store``)."""
-        return [c for c in self.store.setup]
+        return [] if self.store is None else [c for c in self.store.setup]
 
     def _calibrate_at_setup(self, scheduler: str, steps: int, size: int) -> None:
         """key_steps="auto" needs a calibration; the settings without one of their own are derived from
@@ -151,8 +182,8 @@ class Predictor(BaseRunner):
             le=1,
         ),
         width: Optional[int] = Input(
-            description="Image width in pixels, a multiple of 8. Leave unset for the model's native size "
-            "(512 for Stable Diffusion v1.5, 64 for the bundled tiny-shapes model).",
+            description="Image width in pixels, a multiple of 8 (Flux: of 16). Leave unset for the model's native size "
+            "(512 for Stable Diffusion v1.5, 64 for the bundled tiny-shapes models).",
             default=None,
             ge=64,
             le=1024,
@@ -164,18 +195,29 @@ class Predictor(BaseRunner):
             le=1024,
         ),
         num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
-        num_inference_steps: int = Input(description="Number of denoising steps.", default=DEFAULT_STEPS, ge=1, le=150),
-        guidance_scale: float = Input(
-            description="Classifier-free guidance scale (1 or less turns guidance off).", default=7.5, ge=0, le=20
+        num_inference_steps: Optional[int] = Input(
+            description=f"Number of denoising steps. Unset: the weights' default ({DEFAULT_STEPS} for Stable Diffusion, "
+            "the pipeline's own for Flux and SD3: 28).",
+            default=None, ge=1, le=150,
         ),
-        scheduler: str = Input(
-            description="Sampler. DPMSolverMultistep is DPM-Solver++ (multistep).",
-            default=DEFAULT_SCHEDULER,
-            choices=list(SCHEDULERS),
+        guidance_scale: Optional[float] = Input(
+            description=f"Guidance scale (1 or less turns guidance off). Classifier-free guidance for Stable Diffusion "
+            f"and SD3; for Flux, true classifier-free guidance against negative_prompt (true_cfg_scale) where the "
+            f"transformer has no guidance embedding, else its distilled guidance. Unset: the weights' default "
+            f"({SD_GUIDANCE:g} for Stable Diffusion, 7 for SD3, 4 for Flux with true guidance, 3.5 distilled).",
+            default=None, ge=0, le=20,
+        ),
+        scheduler: Optional[str] = Input(
+            description=f"Sampler. Stable Diffusion weights take {', '.join(SCHEDULERS)} (DPMSolverMultistep is "
+            f"DPM-Solver++, multistep); flow-matching weights (Flux, SD3) take {', '.join(FLOW_SCHEDULERS)} (UniPC "
+            f"and DPM-Solver++ configured for flow). Unset: the weights' default ({DEFAULT_SCHEDULER} for Stable "
+            f"Diffusion, {FLOW_SCHEDULERS[0]} for flow-matching weights).",
+            default=None,
+            choices=[*SCHEDULERS, *FLOW_SCHEDULERS],
         ),
         acceleration: str = Input(
-            description="faster-diffusion: reuse UNet features between steps, as `plan` (or `key_steps`) says. "
-            "none: the stock pipeline.",
+            description="faster-diffusion: reuse UNet (or transformer) features between steps, as `plan` (or "
+            "`key_steps`) says. none: the stock pipeline.",
             default="faster-diffusion",
             choices=ACCELERATIONS,
         ),
@@ -185,7 +227,9 @@ class Predictor(BaseRunner):
             "faithful plan predicted at least T times faster than stock, T > 1). Each step runs the whole UNet, "
             "the decoder on reused encoder features, a shallow path, DeepCache's shallowest one, or that one on the "
             "prompt's half of the guidance batch alone (the guidance difference reused); the last two also with the "
-            "reused features extrapolated from the latest two full steps. Ignored when key_steps is set.",
+            "reused features extrapolated from the latest two full steps. Ignored when key_steps is set. Flux and SD3 "
+            "weights: 'auto' is encoder propagation at key_steps='paper' until the library calibrates transformers; "
+            "explicit levels F, E, D, X, C, Y.",
             default="auto",
         ),
         key_steps: str = Input(
@@ -231,37 +275,42 @@ class Predictor(BaseRunner):
         request = self.planner.plan(
             image=image, mask=mask, prompt_strength=prompt_strength, width=width, height=height,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, acceleration=acceleration,
-            guidance_scale=guidance_scale,
-        )
+            guidance_scale=guidance_scale, scheduler=scheduler, negative_prompt=negative_prompt, lora=bool(lora_weights),
+        )  # unset inputs take the weights' defaults; what these weights cannot use fails here, naming the field
+        scheduler, num_inference_steps, guidance_scale = request.scheduler, request.steps, request.guidance_scale
         lora_file = resolve_lora(lora_weights) if lora_weights else None  # fails here, naming lora_weights
         if seed is None:
             seed = secrets.randbelow(2**32)
         pipe = request.pipe
         pipe.scheduler = self.schedulers[scheduler]
         found = self._calibrations_for(request, scheduler)
-        print(f"seed={seed} scheduler={scheduler} {request.describe()} guidance_scale={guidance_scale}", flush=True)
+        guidance = "" if self.planner.transformer is None else f" ({self.planner.defaults.guidance}) max_sequence_length=" \
+            f"{self.planner.defaults.max_sequence_length}"
+        print(f"seed={seed} scheduler={scheduler} {request.describe()} guidance_scale={guidance_scale}{guidance}", flush=True)
+        for note in request.notes:
+            print(f"acceleration: {note}", flush=True)
         if lora_file is not None:
             print(f"lora_weights={lora_weights!r} lora_scale={lora_scale} (file {lora_file})", flush=True)
 
         # A LoRA applies to this prediction only: the shared UNet and text encoder get the base weights back.
         with applied_lora(self.pipe, lora_file, lora_weights, lora_scale), \
-                accelerated(pipe, acceleration, found) as accel, counted(pipe.unet, accel) as counter, \
+                accelerated(pipe, request.acceleration, found) as accel, counted(self.denoiser, accel) as counter, \
                 safety.checker_disabled(pipe, disable_safety_checker):  # fmt: skip
             started = time.perf_counter()
             result = pipe(
                 prompt,
-                negative_prompt=negative_prompt or None,
-                **request.arguments,
+                **request.arguments,  # with the negative prompt and the guidance, as the weights take them
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
                 num_images_per_prompt=num_outputs,
                 generator=torch.Generator("cpu").manual_seed(seed),
             )
             elapsed = time.perf_counter() - started
-        print(passes_line(accel, counter), flush=True)
-        if accel is not None:
+        print(passes_line(accel, counter, request.notes), flush=True)
+        if accel is not None and self.store is not None:
             self._keep_made_calibrations(accel, scheduler, made_with_lora=lora_file is not None)
             self.cost_models.save_new()
+        elif accel is not None:
+            accel.calibrations.clear()  # (transformers: nothing kept between predictions)
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
         release_freed_memory()  # a new size's freed buffers back to the system: memory does not creep
         flags = getattr(result, "nsfw_content_detected", None)
@@ -274,8 +323,8 @@ class Predictor(BaseRunner):
         """The calibration of this run for plan="auto" or key_steps="auto": exact, else derived from the nearest
         one (no stock run); for a plan, one with an error model where any has one. Empty when nothing of the
         sampler is calibrated: the library's first run calibrates."""
-        if not request.acceleration.needs_calibration:
-            return []
+        if self.store is None or not request.acceleration.needs_calibration:
+            return []  # (transformer weights: the library reads the calibrations the weights ship itself)
         timesteps = make_scheduler(scheduler, self.base_config)
         timesteps.set_timesteps(request.steps)  # img2img runs its tail: the accelerator takes the slice
         latent = (request.height // self.pipe.vae_scale_factor, request.width // self.pipe.vae_scale_factor)

@@ -1,4 +1,4 @@
-"""What a prediction logs about its run: the schedule, where it came from, and the UNet passes."""
+"""What a prediction logs about its run: the schedule, where it came from, and the UNet (or transformer) passes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import contextlib
 
 
 class EncoderCounter:
-    """Counts UNet calls and encoder / decoder passes of the stock pipeline (forward hooks on the UNet)."""
+    """Counts UNet calls and encoder / decoder passes of the stock pipeline (forward hooks on the UNet); of a
+    transformer, its calls."""
 
     def __init__(self, unet):
         self.calls = self.encoder = self.decoder = 0
+        self.transformer = not hasattr(unet, "down_blocks")
 
         def count(attr):
             def hook(module, args):
@@ -17,11 +19,12 @@ class EncoderCounter:
 
             return hook
 
-        self._handles = [
-            unet.register_forward_pre_hook(count("calls")),
-            unet.down_blocks[0].register_forward_pre_hook(count("encoder")),
-            unet.up_blocks[-1].register_forward_pre_hook(count("decoder")),
-        ]
+        self._handles = [unet.register_forward_pre_hook(count("calls"))]
+        if not self.transformer:
+            self._handles += [
+                unet.down_blocks[0].register_forward_pre_hook(count("encoder")),
+                unet.up_blocks[-1].register_forward_pre_hook(count("decoder")),
+            ]
 
     def remove(self):
         for handle in self._handles:
@@ -41,9 +44,13 @@ def counted(unet, accel):
         counter.remove()
 
 
-def passes_line(accel, counter) -> str:
-    """The log line of a run's schedule and UNet passes."""
+def passes_line(accel, counter, notes=()) -> str:
+    """The log line of a run's schedule and UNet passes (transformers: their calls), with the service's ``notes``
+    on what it ran instead of what was asked (a transformer's plan="auto", for now)."""
+    noted = "".join(f" ({note})" for note in notes)
     if accel is None:
+        if counter.transformer:
+            return f"key_steps=all (stock pipeline) transformer_calls={counter.calls}"
         return (f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
                 f"decoder_passes={counter.decoder} unet_calls={counter.calls}")  # fmt: skip
     stats = accel.stats
@@ -55,5 +62,5 @@ def passes_line(accel, counter) -> str:
         f"{plan}key_steps={stats['key_steps']} ({len(stats['key_steps'])} of {stats['steps']}) "
         f"schedule_source={stats['schedule_source']!r} "
         f"encoder_passes={stats['encoder_passes']} decoder_passes={stats['decoder_passes']} "
-        f"unet_calls={stats['unet_calls']} parallel={stats['parallel']} noise_injection={stats['noise_injection']}"
+        f"unet_calls={stats['unet_calls']} parallel={stats['parallel']} noise_injection={stats['noise_injection']}{noted}"
     )

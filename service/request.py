@@ -2,7 +2,16 @@
 
 ``Planner.plan`` turns the inputs into a ``Request`` or fails early with a ``ValueError`` that
 names the field, on what the input schema cannot express (sizes that are not a multiple of the
-VAE's, a pixel budget, a mask without an image, a key-step schedule the step count cannot take).
+VAE's, a pixel budget, a mask without an image, a key-step schedule the step count cannot take,
+a sampler or an input the loaded weights cannot use). Inputs left unset take the weights' defaults
+(``service.weights.call_defaults``), and ``guidance_scale`` becomes the argument the pipeline guides
+with: Stable Diffusion's and SD3's ``guidance_scale``, Flux's ``true_cfg_scale`` (weights without a
+guidance embedding) or Flux's distilled ``guidance_scale`` (with one).
+
+Transformer weights (Flux, SD3) take text-to-image only. Their acceleration is what the library
+offers on transformers: where it cannot calibrate them, ``plan="auto"`` runs encoder propagation at
+``key_steps="paper"`` (the paper's DiT method) and the request's ``notes`` say so in the log;
+``plan="auto:T"`` and ``key_steps="auto"`` fail, naming the field.
 ``Acceleration`` holds the acceleration inputs: one more input is one more field, read by
 ``check`` and ``enable_kwargs``.
 """
@@ -10,7 +19,7 @@ VAE's, a pixel budget, a mask without an image, a key-step schedule the step cou
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -19,6 +28,9 @@ from PIL import Image, UnidentifiedImageError
 import faster_diffusion
 from faster_diffusion.plan import AutoPlan, check_levels
 from faster_diffusion.schedules import is_calibrated
+
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS
+from .weights import call_defaults
 
 ACCELERATIONS = ["faster-diffusion", "none"]
 # Largest width x height x num_outputs one request may ask for (four 768x768 images);
@@ -102,6 +114,9 @@ class Request:
     loop_steps: int  # the steps the denoising loop runs (img2img and inpainting run a tail)
     num_outputs: int
     acceleration: Acceleration = field(default_factory=Acceleration)
+    scheduler: str = ""  # the `scheduler` input, or the weights' default
+    guidance_scale: float = 0.0  # the `guidance_scale` input, or the weights' default
+    notes: list = field(default_factory=list)  # what the service chose instead of an input, and why (logged)
 
     def describe(self) -> str:
         return (f"mode={self.mode} size={self.width}x{self.height} num_outputs={self.num_outputs} "
@@ -109,25 +124,106 @@ class Request:
 
 
 class Planner:
-    """The server's pipelines and limits; ``plan`` checks a prediction's inputs against them."""
+    """The server's pipelines and limits; ``plan`` checks a prediction's inputs against them.
 
-    def __init__(self, pipe, img2img=None, inpaint=None, max_pixels: int | None = None):
+    ``schedulers``: the samplers these weights take (the `scheduler` input's choices they can run)."""
+
+    def __init__(self, pipe, img2img=None, inpaint=None, max_pixels: int | None = None, schedulers=SCHEDULERS):
         self.pipe, self.img2img, self.inpaint = pipe, img2img, inpaint
         # A ControlNet pipeline takes `image` as its control image; others use it for img2img / inpainting.
         self.is_controlnet = getattr(pipe, "controlnet", None) is not None
-        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.size_multiple = math.lcm(8, pipe.vae_scale_factor)
+        self.transformer = getattr(pipe, "transformer", None)  # Flux, SD3: text-to-image only
+        self.defaults = call_defaults(pipe)
+        self.native_size = self.defaults.native_size
+        self.size_multiple = self.defaults.size_multiple
+        self.schedulers = tuple(schedulers)
         if max_pixels is None:
             max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         self.max_pixels = max_pixels
+        found = faster_diffusion.family_of(pipe)
+        self.calibrates = found is not None and found[0].supports_calibration  # plan="auto" can plan these weights
+
+    @property
+    def weights_name(self) -> str:
+        return type(self.pipe).__name__
 
     def plan(self, *, image, mask, prompt_strength, width, height, num_outputs, num_inference_steps,
-             acceleration: Acceleration, guidance_scale: float) -> Request:  # fmt: skip
-        request = self._pick_pipeline(image, mask, prompt_strength, width, height, num_inference_steps)
-        request.num_outputs, request.acceleration = num_outputs, acceleration
+             acceleration: Acceleration, guidance_scale: float | None, scheduler: str | None = None,
+             negative_prompt: str = "", lora: bool = False) -> Request:  # fmt: skip
+        defaults = self.defaults
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self._check_scheduler(defaults.scheduler if scheduler is None else scheduler)
+        if self.transformer is not None:
+            self._check_transformer_inputs(image, mask, lora, negative_prompt)
+        request = self._pick_pipeline(image, mask, prompt_strength, width, height, steps)
+        request.num_outputs, request.scheduler, request.guidance_scale = num_outputs, scheduler, guidance_scale
+        request.acceleration = self._transformer_acceleration(acceleration, request.notes)
         self._check_size(request.width, request.height, num_outputs)
-        acceleration.check(request.loop_steps, guided=guidance_scale > 1)
+        guided = guidance_scale > 1 and not defaults.distilled  # distilled guidance: one transformer call a step
+        request.acceleration.check(request.loop_steps, guided=guided)
+        request.arguments.update(self._guidance_arguments(negative_prompt, guidance_scale))
         return request
+
+    def _check_scheduler(self, name: str) -> str:
+        if name in self.schedulers:
+            return name
+        if self.transformer is None:
+            why = " (a flow-matching sampler, for Flux and SD3 weights)" if name in FLOW_SCHEDULERS else ""
+        elif name in FLOW_SCHEDULERS:
+            why = " (its set_timesteps cannot take the shift this pipeline passes: the weights' scheduler does not shift dynamically)"
+        else:
+            why = " (a sampler for Stable Diffusion's noise-prediction weights; these are a flow-matching model)"
+        raise ValueError(f"scheduler={name!r}{why}: these {self.weights_name} weights take {', '.join(self.schedulers)}")
+
+    def _check_transformer_inputs(self, image, mask, lora: bool, negative_prompt: str) -> None:
+        """Transformer weights run text-to-image, without a LoRA; distilled guidance has no negative prompt."""
+        for name, value in (("image", image), ("mask", mask)):
+            if value is not None:
+                raise ValueError(f"{name}: these {self.weights_name} weights take text-to-image only (img2img, inpainting "
+                                 "and ControlNet are served for Stable Diffusion weights); leave image and mask unset")
+        if lora:
+            raise ValueError(f"lora_weights: LoRAs are served for Stable Diffusion weights only; these {self.weights_name} "
+                             "weights take none (leave lora_weights empty)")
+        if negative_prompt and self.defaults.distilled:
+            raise ValueError(f"negative_prompt: these {self.weights_name} weights guide through their transformer's guidance "
+                             "embedding (distilled guidance, guidance_scale), which takes no negative prompt; leave it empty")
+
+    def _transformer_acceleration(self, acceleration: Acceleration, notes: list) -> Acceleration:
+        """``acceleration``, or what the library offers instead on a transformer it cannot calibrate: plan="auto"
+        becomes encoder propagation at the paper's key steps (noted); a calibrated request it cannot serve fails."""
+        if self.transformer is None or not acceleration.on or self.calibrates:
+            return acceleration
+        model = type(self.transformer).__name__
+        if acceleration.key_steps:
+            if is_calibrated(acceleration.key_steps):  # a malformed value fails here, naming key_steps
+                raise ValueError(
+                    f"key_steps={acceleration.key_steps!r}: calibrated key steps need a calibration, which faster-diffusion "
+                    f"cannot make for a {model} yet; these {self.weights_name} weights take key_steps 'paper', 'all', "
+                    "'uniform:K' or step indices, or a plan of explicit levels")
+            return acceleration
+        if not isinstance(faster_diffusion.parse_plan(acceleration.plan), AutoPlan):  # a malformed plan fails here
+            return acceleration
+        if acceleration.plan.strip().lower() != "auto":
+            raise ValueError(
+                f"plan={acceleration.plan!r}: the planner has no error model for a {model} yet, so it cannot pick a plan "
+                f"for a speed-up; these {self.weights_name} weights take plan='auto' (served as encoder propagation at "
+                "key_steps='paper'), explicit levels of F, E, D, X, C and Y (e.g. 'FEEDDFCC'), or key_steps")
+        notes.append(f"plan='auto' cannot plan on a {model} yet (faster-diffusion has no calibration for transformers): "
+                     "encoder propagation at key_steps='paper' (the paper's DiT method) instead")
+        return dataclasses.replace(acceleration, key_steps="paper")
+
+    def _guidance_arguments(self, negative_prompt: str, guidance_scale: float) -> dict:
+        """The pipeline call's prompt-side arguments: the negative prompt, the guidance and the T5 length."""
+        defaults = self.defaults
+        if self.transformer is None:
+            return {"negative_prompt": negative_prompt or None, "guidance_scale": guidance_scale}
+        length = {"max_sequence_length": defaults.max_sequence_length}
+        if defaults.distilled:
+            return {"guidance_scale": guidance_scale, **length}
+        if defaults.guidance == "true_cfg_scale":  # FluxPipeline guides only with a negative prompt, "" included
+            return {"negative_prompt": negative_prompt, "true_cfg_scale": guidance_scale, **length}
+        return {"negative_prompt": negative_prompt or None, "guidance_scale": guidance_scale, **length}
 
     def _pick_pipeline(self, image, mask, prompt_strength, width, height, steps) -> Request:
         if mask is not None and image is None:

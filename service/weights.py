@@ -1,4 +1,4 @@
-"""Where the service's Stable Diffusion weights come from, and loading them.
+"""Where the service's weights come from, loading them, and the call defaults they imply.
 
 Resolution order (``resolve_weights``):
 
@@ -12,18 +12,24 @@ Resolution order (``resolve_weights``):
    missing weights and the command that fetches them.
 
 An explicit source that cannot be used is an error, never a silent fallback.
+
+Stable Diffusion (1.x/2.x, SDXL, ControlNet) and flow-matching transformer weights (``FluxPipeline``,
+``StableDiffusion3Pipeline``) are served; model_index.json says which. ``call_defaults`` reads what a
+prediction uses where the client leaves an input unset from the transformer weights themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +44,22 @@ DOWNLOAD_COMMAND = "script/download-weights"
 URL_SCHEMES = ("http", "https", "file")
 
 
-# The pipelines the service serves (text-to-image, with img2img and inpainting derived from it).
-# The library also accelerates video (TextToVideoSD, AnimateDiff) and DeepFloyd IF pipelines;
+# The pipelines the service serves: Stable Diffusion's (text-to-image, with img2img and inpainting derived
+# from it) and the flow-matching transformers' (text-to-image only).
+# The library also accelerates video (TextToVideoSD, AnimateDiff), DeepFloyd IF, DiT and PixArt pipelines;
 # the service does not take them, and says so at setup instead of failing in a prediction.
+TRANSFORMER_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 SERVED_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionXLControlNetPipeline",
+    *TRANSFORMER_PIPELINES,
 )
+#: true classifier-free guidance of Flux weights without a guidance embedding, where the client sets no
+#: guidance_scale (FluxPipeline's own true_cfg_scale default, 1, samples unguided): Qwen-Image's default, and
+#: weights/tiny-shapes-flux's default call
+TRUE_CFG_DEFAULT = 4.0
 
 
 class WeightsError(RuntimeError):
@@ -149,8 +162,11 @@ def fetch_tar(url: str, dest_root: Path | None = None) -> Path:
 
 
 def detect_variant(path: Path) -> str | None:
-    """"fp16" when the UNet is stored only as an fp16 variant (what script/download-weights fetches)."""
+    """"fp16" when the UNet (or a transformer pipeline's transformer) is stored only as an fp16 variant (what
+    script/download-weights fetches)."""
     unet = Path(path) / "unet"
+    if not unet.is_dir() and (Path(path) / "transformer").is_dir():
+        unet = Path(path) / "transformer"
     plain = list(unet.glob("diffusion_pytorch_model.safetensors")) + list(unet.glob("diffusion_pytorch_model.bin"))
     fp16 = list(unet.glob("diffusion_pytorch_model.fp16.*"))
     return "fp16" if fp16 and not plain else None
@@ -197,6 +213,11 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
     )
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    if index["_class_name"] in TRANSFORMER_PIPELINES:
+        # components the weights leave out ([null, null], e.g. SD3 without its T5 encoder) are passed as None,
+        # as diffusers needs for a pipeline saved without them
+        no_safety_checker = {name: None for name, entry in index.items()
+                             if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is None}
     variant = detect_variant(path)
     try:
         with warnings.catch_warnings():
@@ -206,9 +227,76 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu", dtype=None):
             )
     except Exception as err:
         raise WeightsError(f"weights at {path}: could not load a {index['_class_name']}: {type(err).__name__}: {err}") from err
+    if index["_class_name"] in TRANSFORMER_PIPELINES and pipe.vae.config.get("shift_factor") is None:
+        raise WeightsError(f"weights at {path}: vae/config.json has no shift_factor, which a {index['_class_name']} "
+                           "adds to its latents before decoding (Flux's VAE: 0.1159, SD3's: 0.0609; 0.0 for none)")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@dataclass(frozen=True)
+class CallDefaults:
+    """How the pipeline is called where a prediction leaves an input unset, and the sizes it takes.
+
+    ``guidance`` is the pipeline argument the ``guidance_scale`` input becomes: ``"guidance_scale"`` (classifier-free
+    guidance: Stable Diffusion, SD3; with ``distilled``, Flux's guidance embedding: FLUX.1-dev's distilled guidance,
+    one transformer call a step, no negative prompt) or ``"true_cfg_scale"`` (Flux without a guidance embedding: true
+    classifier-free guidance, a second transformer call a step against the negative prompt)."""
+
+    scheduler: str  # the `scheduler` input's default
+    num_inference_steps: int
+    guidance_scale: float
+    guidance: str = "guidance_scale"  # the pipeline argument guidance_scale maps to
+    distilled: bool = False
+    max_sequence_length: int | None = None  # T5 tokens (transformer pipelines)
+    native_size: int = 512  # pixels, the image size the weights were made for (width and height unset)
+    size_multiple: int = 8  # width and height must be multiples of this
+
+
+#: Stable Diffusion weights: the service's defaults (DDIM-50, guidance 7.5; calibrated at setup)
+SD_SCHEDULER, SD_STEPS, SD_GUIDANCE = "DDIM", 50, 7.5
+
+
+def call_defaults(pipe) -> CallDefaults:
+    """The defaults of ``pipe``, from its weights where they say (see ``CallDefaults``).
+
+    Stable Diffusion: DDIM-50 at guidance 7.5, the UNet's ``sample_size`` in pixels, multiples of 8 and of the VAE's
+    downsampling. ``FluxPipeline`` and ``StableDiffusion3Pipeline``: the weights' own FlowMatchEuler scheduler at
+    the pipeline's default steps (28). Guidance: Flux with ``guidance_embeds`` gets FluxPipeline's distilled
+    ``guidance_scale`` default (3.5), Flux without it true CFG at ``TRUE_CFG_DEFAULT``, SD3 its own default (7).
+    ``max_sequence_length``: the pipeline's default, capped at the T5 tokenizer's ``model_max_length`` (the length
+    its text encoder was made for: weights trained on short captions say so in tokenizer_2/ (Flux) or tokenizer_3/
+    (SD3) tokenizer_config.json). Native size: SD3's transformer ``sample_size`` in pixels; Flux's transformer has
+    none, so its VAE's ``sample_size``. Size multiple: 8, and the VAE's downsampling times what the pipeline packs
+    (Flux 2x2 latents, SD3 its ``patch_size``).
+    """
+    from diffusers import FluxPipeline
+
+    if getattr(pipe, "transformer", None) is None:
+        return CallDefaults(SD_SCHEDULER, SD_STEPS, SD_GUIDANCE, native_size=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                            size_multiple=math.lcm(8, pipe.vae_scale_factor))
+    from .schedulers import FLOW_SCHEDULERS
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    config = pipe.transformer.config
+    flux = isinstance(pipe, FluxPipeline)
+    distilled = flux and bool(config.get("guidance_embeds", False))
+    if flux and not distilled:
+        guidance, scale = "true_cfg_scale", TRUE_CFG_DEFAULT
+    else:
+        guidance, scale = "guidance_scale", float(parameters["guidance_scale"].default)
+    length = parameters["max_sequence_length"].default
+    t5 = getattr(pipe, "tokenizer_2" if flux else "tokenizer_3", None)
+    if t5 is not None and 0 < getattr(t5, "model_max_length", length) < length:
+        length = int(t5.model_max_length)
+    patch = 2 if flux else int(config.get("patch_size", 1))
+    native = int(config.sample_size) * pipe.vae_scale_factor if config.get("sample_size") else int(pipe.vae.config.sample_size)
+    return CallDefaults(
+        scheduler=FLOW_SCHEDULERS[0], num_inference_steps=int(parameters["num_inference_steps"].default),
+        guidance_scale=scale, guidance=guidance, distilled=distilled, max_sequence_length=int(length),
+        native_size=native, size_multiple=math.lcm(8, pipe.vae_scale_factor * patch),
+    )
 
 
 def _names_component(index: dict, name: str) -> bool:
