@@ -102,7 +102,7 @@ class Predictor(BaseRunner):
         defaults = self.planner.defaults
         guidance = defaults.guidance + (" (distilled)" if defaults.distilled else "")
         if not self.planner.calibrates:
-            acceleration = "plan='auto' serves encoder propagation at key_steps='paper' (no calibration for transformers yet)"
+            acceleration = "plan='auto' serves the stock pipeline (no calibration for transformers yet)"
         else:
             acceleration = "plan='auto' from the weights' calibrations, or a first run that calibrates"
         dtype = str(transformer.dtype).replace("torch.", "")
@@ -228,8 +228,8 @@ class Predictor(BaseRunner):
             "the decoder on reused encoder features, a shallow path, DeepCache's shallowest one, or that one on the "
             "prompt's half of the guidance batch alone (the guidance difference reused); the last two also with the "
             "reused features extrapolated from the latest two full steps. Ignored when key_steps is set. Flux and SD3 "
-            "weights: 'auto' is encoder propagation at key_steps='paper' until the library calibrates transformers; "
-            "explicit levels F, E, D, X, C, Y.",
+            "weights: 'auto' runs the stock pipeline until the library calibrates transformers; explicit levels F, E, "
+            "D, X, C, Y.",
             default="auto",
         ),
         key_steps: str = Input(

@@ -50,7 +50,7 @@ def passes_line(accel, counter, notes=()) -> str:
     noted = "".join(f" ({note})" for note in notes)
     if accel is None:
         if counter.transformer:
-            return f"key_steps=all (stock pipeline) transformer_calls={counter.calls}"
+            return f"key_steps=all (stock pipeline) transformer_calls={counter.calls}{noted}"
         return (f"key_steps=all (stock pipeline) encoder_passes={counter.encoder} "
                 f"decoder_passes={counter.decoder} unet_calls={counter.calls}")  # fmt: skip
     stats = accel.stats

@@ -101,7 +101,6 @@ def run(predictor, **inputs) -> list[np.ndarray]:
 
 
 def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_dir, monkeypatch, capsys):
-    from faster_diffusion.schedules import paper_schedule
     from predict import Predictor
 
     monkeypatch.setenv("COG_WEIGHTS", str(flux_dir))
@@ -126,9 +125,9 @@ def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_d
     assert image.shape == (32, 32, 3)
     log = capsys.readouterr().out
     assert "scheduler=FlowMatchEuler" in log and "steps=28" in log and "guidance_scale=4.0 (true_cfg_scale)" in log, log
-    if not planner.calibrates:  # the library cannot plan transformers yet: the paper's encoder propagation, said so
+    if not planner.calibrates:  # the library cannot plan transformers yet: the stock pipeline, said so
         assert "acceleration: plan='auto' cannot plan on a FluxTransformer2DModel yet" in log, log
-        assert f"key_steps={paper_schedule(28)}" in log and "(plan='auto' cannot plan" in log, log
+        assert "key_steps=all (stock pipeline) transformer_calls=56 (plan='auto' cannot plan" in log, log
 
 
 def test_the_service_calls_flux_as_its_default_call(flux):
