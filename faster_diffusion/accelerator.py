@@ -179,16 +179,13 @@ class FasterDiffusion:
             raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` or `transformer` is one of {names}, or the model itself; got {where}")
         self.family, self.unet = found  # `unet`: the denoiser, a UNet or a transformer (the name kept for callers)
         self.pipe = None if pipe_or_unet is self.unet else pipe_or_unet
-        config = config or AcceleratorConfig()
-        if isinstance(self.family, TransformerFamily):
-            if getattr(self.pipe, "controlnet", None) is not None:  # its residuals enter between the blocks we replay
-                raise TypeError(f"faster_diffusion.enable: {type(self.pipe).__name__} (a ControlNet on a transformer) is not supported yet")
-            self.family = TransformerFamily(config.encoder_depth)
-        elif config.encoder_depth is not None:
-            raise ValueError(f"encoder_depth={config.encoder_depth!r} applies to transformers; a UNet's encoder is its down and mid blocks")
-        if not self.family.supports_calibration:
-            _check_uncalibrated(config)
+        if isinstance(self.family, TransformerFamily) and getattr(self.pipe, "controlnet", None) is not None:
+            # its residuals enter between the blocks the levels replay
+            raise TypeError(f"faster_diffusion.enable: {type(self.pipe).__name__} (a ControlNet on a transformer) is not supported yet")
         self.config = config or AcceleratorConfig()
+        self._check_options(self.config)
+        if isinstance(self.family, TransformerFamily):
+            self.family = TransformerFamily(self.config.encoder_depth)
         self.given_calibrations = _as_calibrations(calibration)
         self.calibrations: list[Calibration] = []  # made by this accelerator's calibrating runs
         self._derived: dict[tuple, tuple[Calibration, Calibration]] = {}  # run -> (source, derived for plans)
@@ -219,13 +216,19 @@ class FasterDiffusion:
         """Validates and sets options of ``AcceleratorConfig`` (takes effect at the next run); the others
         keep their defaults, as with ``enable``."""
         config = AcceleratorConfig(**options)
-        if not self.family.supports_calibration:
-            _check_uncalibrated(config)
+        self._check_options(config)
         if isinstance(self.family, TransformerFamily) and config.encoder_depth != self.family.encoder_depth:
             self.family = TransformerFamily(config.encoder_depth)
             if self._enabled:
                 self._unhook_modules()  # the next run hooks the new split
         self.config = config
+
+    def _check_options(self, config: AcceleratorConfig) -> None:
+        """Fails, naming the option, on what this model's family cannot take."""
+        if config.encoder_depth is not None and not isinstance(self.family, TransformerFamily):
+            raise ValueError(f"encoder_depth={config.encoder_depth!r} applies to transformers; a UNet's encoder is its down and mid blocks")
+        if not self.family.supports_calibration:
+            _check_uncalibrated(config)
 
     # -- install / remove ------------------------------------------------------------------------------------------
 

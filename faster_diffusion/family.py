@@ -94,12 +94,7 @@ class DenoiserFamily:
         return None
 
     def bind_call(self, model, args, kwargs) -> dict:
-        """A call's arguments by name, defaults filled in (the signature of the model's own class)."""
-        bound = _signature(type(model)).bind(None, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        call.pop("self")
-        return call
+        return bind_call(model, args, kwargs)
 
     def latent(self, call: dict) -> torch.Tensor:
         return call[self.latent_name]
@@ -135,6 +130,15 @@ class DenoiserFamily:
         """How ``pipe`` guides in its current call (``loop_locals``: the locals of the call that opened the loop),
         or None without guidance."""
         raise NotImplementedError
+
+
+def bind_call(model, args, kwargs) -> dict:
+    """A call's arguments by name, defaults filled in (the signature of the model's own class)."""
+    bound = _signature(type(model)).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    call = dict(bound.arguments)
+    call.pop("self")
+    return call
 
 
 @functools.cache

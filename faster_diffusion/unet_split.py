@@ -41,9 +41,9 @@ from .family import (  # noqa: F401  (the level names and helpers, importable fr
     DenoiserFamily,
     Guidance,
     StepMode,
-    _signature,
     add_hook,
     as_float,
+    bind_call,
     first_rows,
     forecast_coefficient,
     last_rows,
@@ -60,13 +60,7 @@ SUPPORTED_UNETS = (UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel)
 VIDEO_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
 
-def bind_unet_call(unet, args, kwargs) -> dict:
-    """A UNet call's arguments by name, defaults filled in (the signature of the UNet's own class)."""
-    bound = _signature(type(unet)).bind(None, *args, **kwargs)
-    bound.apply_defaults()
-    call = dict(bound.arguments)
-    call.pop("self")
-    return call
+bind_unet_call = bind_call  # a UNet call's arguments by name, defaults filled in
 
 
 def frames_per_row(unet, sample: torch.Tensor) -> int:

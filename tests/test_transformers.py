@@ -255,3 +255,19 @@ def test_a_bare_transformer_in_a_hand_written_loop():
             loop(faster_diffusion.enable(model, plan="FCCC"))
         faster_diffusion.disable(model)
         assert torch.equal(loop(), stock)
+
+
+def test_encoder_depth_is_a_transformer_option():
+    from tiny_pipelines import tiny_sd
+
+    with pytest.raises(ValueError, match="encoder_depth=3 applies to transformers"):
+        faster_diffusion.enable(tiny_sd(), encoder_depth=3)
+    build, kwargs = PIPELINES["dit"]
+    pipe = build()
+    accel = faster_diffusion.enable(pipe, plan="FEEFEE", encoder_depth=1)
+    shallow = run(pipe, kwargs)
+    accel.set_params(plan="FEEFEE", encoder_depth=3)  # the next run hooks the new split
+    assert relative(run(pipe, kwargs), shallow) > 1e-4
+    accel.set_params(plan="FEEFEE", encoder_depth=1)
+    assert torch.equal(run(pipe, kwargs), shallow)
+    faster_diffusion.disable(pipe)
