@@ -12,6 +12,9 @@
 #   3. speed, eager:   the same model, DDIM-50 and DPM-Solver++-20, batch 1 and 4;
 #                      stock / sequential / parallel (encoder propagation, paper schedule)
 #   4. speed, compiled: DDIM-50 batch 1 with torch.compile (per block) + channels_last
+#   2b. transformers (bench/peers_transformers.py): SD3.5-medium's and FLUX.1-dev's architectures (random
+#                      weights) at 512² bf16, 28 steps, 2 prompts: our explicit plans and the paper's encoder
+#                      propagation next to diffusers' FirstBlockCache and TaylorSeerCache, time, FLOPs, PSNR
 #   5. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
 #   6. setup on weights that ship no calibration (bench/setup_cost.py): SD1.5 architecture (random
 #                      weights) 512² fp16, the service's budgeted calibration (default 30 stock images
@@ -102,6 +105,9 @@ if [ "$SMOKE" = 1 ]; then
     FLOPS=(--models toy --resolution 64 --schedules paper --device cpu)
     PEERS=(--device cpu --model toy --steps 10 --num-prompts 2 --repeats 2 --warmup 1 --threads 1)
     SETUP=(--weights "$ROOT/weights/tiny-shapes" --threads 1 --no-count)
+    TRANSFORMERS=("toy-flux")
+    TRANSFORMER_ARGS=(--device cpu --resolution 64 --steps 28 --num-prompts 2 --repeats 1 --threads 1)
+    T_TRANSFORMER=400
     T_EAGER=400; T_OPT=400; T_FLOPS=400; T_PEERS=400; T_SETUP=400; T_THOROUGH=0  # hang guards only: ~10 s each on an idle 2-core machine
     BUDGET=${BENCH_BUDGET_S:-1500}
 else
@@ -116,6 +122,11 @@ else
     PEERS=(--device cuda --model sd15 --resolution 512 --dtype fp16 --steps 50 --num-prompts 4 --repeats 2 --warmup 1
            --calibration-prompts 2)
     SETUP=(--model sd15 --no-count)
+    # each: building the random weights on the GPU (~20 s), 6 methods x (2 prompts + 1 warm-up + 1 FLOP-counted) calls
+    # of ~1-2 s (FLUX.1-dev 512², 28 steps, one call a step with its guidance embedding)
+    TRANSFORMERS=("sd35-medium" "flux-dev")
+    TRANSFORMER_ARGS=(--device cuda --dtype bf16 --resolution 512 --steps 28 --num-prompts 2 --repeats 1)
+    T_TRANSFORMER=150
     # budgeted: saving and loading the random weights (~30 s), 30 stock images (~40 s at ~1.3 s an image), and the
     # reference image timed; thorough: ~4 prompts x 90 stock images, ~8 min: it runs with what the budget leaves
     T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=420; T_SETUP=150; T_THOROUGH=540
@@ -125,6 +136,14 @@ PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:u
 # the planner's comparison first, so that a short device lease measures it before anything else
 step "peers (planner, DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" \
     --out "$RESULTS/peers" --plot "$RESULTS/peers.png"
+TRANSFORMER_METHODS=fbc:0.1,taylorseer:3,fd:paper,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFYYFYYFYYFYYFYYFYYFYYFYYFYY
+for arch in "${TRANSFORMERS[@]}"; do
+    # (FLUX.1-dev has a guidance embedding: no second call a step, so no C/Y levels to skip it; Y falls back there)
+    methods=$TRANSFORMER_METHODS
+    [ "$arch" = "flux-dev" ] && methods=fbc:0.1,taylorseer:3,fd:paper,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFXXFXXFXXFXXFXXFXXFXXFXXFXX
+    step "transformer peers ($arch)" "$T_TRANSFORMER" "$PY" bench/peers_transformers.py --model "$arch" "${TRANSFORMER_ARGS[@]}" \
+        --methods "$methods" --out "$RESULTS/peers_$arch"
+done
 step "speed (eager)" "$T_EAGER" "$PY" bench/speed.py "${SPEED[@]}" "${MODES[@]}" --json "$RESULTS/speed_eager.json"
 step "speed (compile + channels_last)" "$T_OPT" "$PY" bench/speed.py "${SPEED[@]}" "${OPT[@]}" --json "$RESULTS/speed_compiled.json"
 step "flops" "$T_FLOPS" "$PY" bench/flops.py "${FLOPS[@]}" --json "$RESULTS/flops.json"

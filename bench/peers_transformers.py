@@ -49,6 +49,60 @@ DEFAULT_METHODS = ("fbc:0.05,fbc:0.1,fbc:0.2,fbc:0.4,taylorseer:2,taylorseer:3,t
                    "fastercache,pab:2,fd:paper")
 
 
+#: ``--model`` names: a public transformer config of bench/configs with random weights, text encoders of one layer
+#: at the real widths (their compute is small beside the transformer's), the real VAE's layout
+ARCHITECTURES = {"flux-dev": "flux1_dev_transformer.json", "sd35-medium": "sd35_medium_transformer.json", "toy-flux": None}
+TOY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=False)
+
+
+def random_pipeline(name: str, device: str, dtype):
+    """A FluxPipeline or StableDiffusion3Pipeline of architecture ``name`` with random weights (nothing downloaded)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    config = TOY_FLUX if ARCHITECTURES[name] is None else json.loads((common.CONFIGS / ARCHITECTURES[name]).read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    tokenizer = CLIPTokenizer.from_pretrained(common.ROOT / "weights" / "tiny-shapes" / "tokenizer")  # any vocabulary will do
+    vocab = len(tokenizer)
+    toy = ARCHITECTURES[name] is None
+
+    def clip(hidden, projection=False):
+        cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=max(1, hidden // 64),
+                             vocab_size=vocab, max_position_embeddings=77, projection_dim=hidden)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+    t5 = T5EncoderModel(T5Config(d_model=config["joint_attention_dim"], d_kv=64, num_heads=max(1, config["joint_attention_dim"] // 64),
+                                 d_ff=2 * config["joint_attention_dim"], num_layers=1, vocab_size=vocab))
+    latent = config["in_channels"] if name == "sd35-medium" else config["in_channels"] // 4  # Flux packs 2x2 latents
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent, layers_per_block=1 if toy else 2,
+                        block_out_channels=(8, 8, 16, 16) if toy else (128, 256, 512, 512), norm_num_groups=8 if toy else 32,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's precision: FLUX.1-dev in fp32 would take 48 GB first
+    try:
+        with torch.device(device):
+            if name == "sd35-medium":
+                transformer = SD3Transformer2DModel(**config)
+            else:
+                transformer = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    if name == "sd35-medium":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip(768, True),
+                                        tokenizer=tokenizer, text_encoder_2=clip(1280, True), tokenizer_2=tokenizer,
+                                        text_encoder_3=t5, tokenizer_3=tokenizer)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip(config["pooled_projection_dim"]),
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer)
+    return pipe.to(device, dtype)
+
+
 def diffusers_config(method: str, pipe, mag_ratios):
     """The diffusers cache config of ``method``, or None for one of ours."""
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
@@ -112,7 +166,13 @@ def applied(method: str, pipe, mag_ratios):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=common.ROOT / "weights" / "tiny-shapes-flux")
+    ap.add_argument("--model", default=str(common.ROOT / "weights" / "tiny-shapes-flux"),
+                    help=f"a FluxPipeline directory, or random weights of {', '.join(ARCHITECTURES)}")
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--guidance", type=float, default=None, help="true_cfg_scale (default 4, the bundled model's), or guidance_scale "
+                    "for SD3 and a Flux with a guidance embedding")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--num-prompts", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=2)
@@ -130,14 +190,26 @@ def main() -> int:
     from faster_diffusion.quality import shapes
     from faster_diffusion.quality.evaluate import FLUX_CALL, prompt_set
 
-    pipe = FluxPipeline.from_pretrained(args.model)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    trained = args.model not in ARCHITECTURES
+    if trained:
+        pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+        fixed = {**FLUX_CALL, "true_cfg_scale": args.guidance or FLUX_CALL["true_cfg_scale"]}
+    else:  # random weights: the architecture's own kind of guidance, no adherence to read
+        pipe = random_pipeline(args.model, args.device, dtype)
+        distilled = isinstance(pipe, FluxPipeline) and pipe.transformer.config.guidance_embeds
+        guidance = {"guidance_scale": args.guidance or 3.5} if distilled else (
+            {"negative_prompt": "", "true_cfg_scale": args.guidance or 4.0} if isinstance(pipe, FluxPipeline)
+            else {"guidance_scale": args.guidance or 5.0})
+        fixed = {"height": args.resolution, "width": args.resolution, **guidance}
     pipe.set_progress_bar_config(disable=True)
     methods = ["stock", *[m for m in args.methods.split(",") if m and m != "stock"]]
     items = prompt_set(args.num_prompts, 1)
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def call(prompt, seed):
         return dict(prompt=prompt, num_inference_steps=args.steps, num_images_per_prompt=args.batch, output_type="np",
-                    generator=torch.Generator().manual_seed(seed), **FLUX_CALL)
+                    generator=torch.Generator().manual_seed(seed), **fixed)
 
     mag_ratios = mag_calibration(pipe, call(*items[0])) if any(m.startswith("magcache") for m in methods) else None
     seconds = {m: [] for m in methods}
@@ -152,8 +224,10 @@ def main() -> int:
             shift = (r * len(items) + k) % len(methods)
             for m in methods[shift:] + methods[:shift]:
                 with applied(m, pipe, mag_ratios) as accel:
+                    synchronize()
                     begin = time.perf_counter()
                     out = pipe(**call(prompt, seed)).images
+                    synchronize()
                     seconds[m].append((time.perf_counter() - begin) / args.batch)
                     if accel is not None and accel.stats:
                         stats[m] = {key: accel.stats.get(key) for key in ("plan", "levels", "key_steps", "schedule_source")}
@@ -174,6 +248,8 @@ def main() -> int:
             for ref, img in zip(images["stock"][k], images[m][k]):
                 mse = float(np.mean((ref.astype(np.float64) - img.astype(np.float64)) ** 2))
                 psnr.append(float("inf") if mse == 0 else 10 * np.log10(1.0 / mse))
+                if not trained:  # random weights draw no shapes
+                    continue
                 target = shapes.parse_caption(prompt)
                 found = shapes.detect((img * 255).round().astype(np.uint8)).attributes
                 ok = [found.colour == target.colour, found.shape == target.shape, found.position == target.position]
@@ -185,9 +261,10 @@ def main() -> int:
         rows.append({"method": m, "seconds": round(s, 4), "speedup": round(stock_s / s, 3),
                      "flop_speedup": round(flops["stock"] / flops[m], 3) if flops else None,
                      "psnr": round(float(np.mean(psnr)), 2) if m != "stock" else None,
-                     **{key: round(v / n, 4) for key, v in right.items()}, "stats": stats.get(m)})
-    env = common.environment()
-    result = {"environment": env, "model": str(args.model), "call": {**FLUX_CALL, "num_inference_steps": args.steps, "batch": args.batch},
+                     **{key: (round(v / n, 4) if trained else None) for key, v in right.items()}, "stats": stats.get(m)})
+    env = common.environment(args.device)
+    result = {"environment": env, "model": str(args.model), "dtype": str(dtype), "device": args.device,
+              "call": {**fixed, "num_inference_steps": args.steps, "batch": args.batch},
               "prompts": args.num_prompts, "repeats": args.repeats, "mag_ratios": mag_ratios, "rows": rows}
     lines = ["| method | s/image | speed-up | FLOP speed-up | PSNR to stock | colour | shape | position | all three |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -195,12 +272,12 @@ def main() -> int:
         fs = f"{row['flop_speedup']:.2f}×" if row["flop_speedup"] else "–"
         ps = "–" if row["psnr"] is None else f"{row['psnr']:.1f} dB"
         lines.append(f"| {row['method']} | {row['seconds']:.3f} | {row['speedup']:.2f}× | {fs} | {ps} | "
-                     + " | ".join(f"{100 * row[k]:.1f}%" for k in ("colour", "shape", "position", "all")) + " |")
+                     + " | ".join("–" if row[k] is None else f"{100 * row[k]:.1f}%" for k in ("colour", "shape", "position", "all")) + " |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(f"# Transformer peers on {args.model.name}\n\n- {json.dumps(result['call'])}\n"
+    args.out.with_suffix(".md").write_text(f"# Transformer peers on {Path(args.model).name}\n\n- {json.dumps(result['call'])}\n"
                                            f"- {env.get('date_utc')}, commit {env.get('git_commit')}, load {env.get('load_avg')}\n"
                                            f"- command: `{' '.join(sys.argv)}`\n\n{table}\n")
     return 0

@@ -126,6 +126,8 @@ def test_gpu_sh_cpu_smoke(tmp_path):
         assert r["modes"]["parallel:2"]["engine_stats"]["unet_calls"] >= len(keys)
         assert r["parallel_vs_sequential_max_abs_diff"] < 1e-3
 
+    toy = json.loads((tmp_path / "peers_toy-flux.json").read_text())  # the transformer rows, at toy size
+    assert [r["method"] for r in toy["rows"]][:3] == ["stock", "fbc:0.1", "taylorseer:3"] and toy["rows"][0]["speedup"] == 1.0
     setup = json.loads((tmp_path / "setup_budgeted.json").read_text())  # the bundled model without its calibrations
     assert setup["calibration_spent"] <= 27 and setup["setup_in_stock_images_time"] > 0
 

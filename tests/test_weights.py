@@ -217,7 +217,7 @@ def test_load_pipeline_with_missing_component_is_readable(tmp_path):
     assert str(tmp_path / "model") in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["TextToVideoSDPipeline", "AnimateDiffPipeline", "IFPipeline", "FluxPipeline"])
+@pytest.mark.parametrize("name", ["TextToVideoSDPipeline", "AnimateDiffPipeline", "IFPipeline", "DiTPipeline"])
 def test_unserved_pipelines_fail_setup_naming_the_served_ones(tmp_path, name):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": name}))
     with pytest.raises(W.WeightsError, match=f"a {name} is not served; the service takes StableDiffusionPipeline, ") as err:
