@@ -626,7 +626,7 @@ class FasterDiffusion:
             return {}
         rows, (h, w) = sample.shape[0], sample.shape[2:]
         step = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        counted = [l for l in flops if l not in FORECASTING]  # a forecast does the multiply-adds of the level it forecasts
+        counted = [level for level in flops if level not in FORECASTING]  # a forecast does the multiply-adds of the level it forecasts
         per_row = {level: [flops[level] / rows] for level in counted}
         for k in (1, 2):
             resized = {**call, "sample": sample.new_zeros(*sample.shape[:2], h + k * step, w + k * step)}

@@ -681,10 +681,12 @@ FORECAST_DISTANCES = (1, 2, 4)
 
 
 def _fibonacci():
-    a, b = 0, 1
+    """0, then 1, 2, 3, 5, 8, 13, ... (distances from the run's last step)."""
+    yield 0
+    a, b = 1, 2
     while True:
         yield a
-        a, b = b, a + b if a else 2  # 0, 1, 2, 3, 5, 8, 13, ...
+        a, b = b, a + b
 
 
 def _fill(values: np.ndarray, measured, valid: np.ndarray) -> np.ndarray:
@@ -910,7 +912,9 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     if model is None:
         raise ValueError("calibration has no error model: make it with faster_diffusion.calibrate(..., plans=True)")
     if compute_budget is not None:
-        compute_budget = check_compute_budget(compute_budget) if compute_budget >= MIN_COMPUTE_BUDGET else float(compute_budget)
+        if isinstance(compute_budget, bool) or not isinstance(compute_budget, (int, float)) or not compute_budget >= 0:
+            raise ValueError(f"compute_budget={compute_budget!r} must be a number >= 0 (stock images of compute)")
+        compute_budget = float(compute_budget)  # (what a budgeted calibrate leaves it may be below MIN_COMPUTE_BUDGET)
         fractions = model.info.get("flop_fractions")
         if not fractions:
             raise ValueError("compute_budget: this error model has no flop_fractions (fitted before budgets); recalibrate it")
