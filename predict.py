@@ -94,17 +94,15 @@ class Predictor(BaseRunner):
 
     def _setup_transformer(self, transformer, resolved, memory: str, started: float) -> None:
         """Flux / SD3 weights: the flow samplers their pipeline can drive and the call defaults the weights imply;
-        text-to-image only, so no derived pipelines, and no calibration or cost model (the library plans UNets)."""
+        text-to-image only, so no derived pipelines; plan="auto" plans from the calibrations the weights ship
+        (script/calibrate), which the library finds in the model directory itself."""
         self.denoiser = transformer
         self.schedulers = flow_schedulers(self.pipe)
         self.planner = Planner(self.pipe, schedulers=self.schedulers)
         self.store = self.cost_models = None
         defaults = self.planner.defaults
         guidance = defaults.guidance + (" (distilled)" if defaults.distilled else "")
-        if not self.planner.calibrates:
-            acceleration = "plan='auto' serves the stock pipeline (no calibration for transformers yet)"
-        else:
-            acceleration = "plan='auto' from the weights' calibrations, or a first run that calibrates"
+        acceleration = "plan='auto' from the weights' calibrations (derived for other samplers, steps and sizes), or a first run that calibrates its key steps"
         dtype = str(transformer.dtype).replace("torch.", "")
         print(
             f"setup: loaded {resolved.path} ({type(self.pipe).__name__} with a {type(transformer).__name__}, {dtype} on "
@@ -228,8 +226,8 @@ class Predictor(BaseRunner):
             "the decoder on reused encoder features, a shallow path, DeepCache's shallowest one, or that one on the "
             "prompt's half of the guidance batch alone (the guidance difference reused); the last two also with the "
             "reused features extrapolated from the latest two full steps. Ignored when key_steps is set. Flux and SD3 "
-            "weights: 'auto' runs the stock pipeline until the library calibrates transformers; explicit levels F, E, "
-            "D, X, C, Y.",
+            "weights: 'auto' and 'auto:T' plan from the calibrations the weights ship (their first run calibrates key "
+            "steps where they ship none); explicit levels F, E, D, X, C, Y.",
             default="auto",
         ),
         key_steps: str = Input(

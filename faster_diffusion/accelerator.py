@@ -18,7 +18,7 @@ the accelerator wraps that method, so a *run* starts when the loop starts and en
   call, when the run's timesteps and latent size are known, from the first
   matching calibration of: the ``calibration`` argument, this accelerator's
   earlier runs, the model directory's ``calibration/*.json``; with none, this
-  run is a stock run that calibrates (``_find_calibration``); UNets only, for now;
+  run is a stock run that calibrates (``_find_calibration``);
 - in parallel mode, a key step's call also runs the decoders of the
   following non-key steps in one batch, and their outputs are returned at those
   steps without running the model;
@@ -48,10 +48,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.hooks.hooks import BaseState, StateManager
 
 from .calibration import Calibration, FeatureRecorder, derive, nearest, run_info, shipped_calibrations
-from .plan import AutoPlan, CostModel, check_levels, choose, count_flops, decoder_groups, parse_plan, plan_letters
+from .plan import (
+    AutoPlan,
+    CostModel,
+    check_levels,
+    choose,
+    count_flops,
+    decoder_groups,
+    parse_plan,
+    plan_letters,
+    sample_channels,
+    sample_positions,
+)
 from .schedules import check_key_steps, is_calibrated, key_step_indices, parse_key_steps
 from .family import (
     CONDITIONAL_ONLY,
@@ -59,10 +69,12 @@ from .family import (
     ENCODER,
     FORECASTING,
     FULL,
+    BranchAwareHook,
     StepMode,
     add_hook,
     as_float,
     family_of,
+    hooks_changed,
     remove_hook,
     repeat_batch,
 )
@@ -153,6 +165,7 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     measuring: float = 0.0  # seconds spent measuring the cost model, not part of the loop's time
     planning: float = 0.0  # seconds spent choosing the plan (not per-step work: kept out of the step overhead)
+    loop_locals: dict = field(default_factory=dict)  # the variables of the pipeline call that opened the loop
 
     @property
     def key_steps(self) -> list[int]:
@@ -227,8 +240,6 @@ class FasterDiffusion:
         """Fails, naming the option, on what this model's family cannot take."""
         if config.encoder_depth is not None and not isinstance(self.family, TransformerFamily):
             raise ValueError(f"encoder_depth={config.encoder_depth!r} applies to transformers; a UNet's encoder is its down and mid blocks")
-        if not self.family.supports_calibration:
-            _check_uncalibrated(config)
 
     # -- install / remove ------------------------------------------------------------------------------------------
 
@@ -277,11 +288,13 @@ class FasterDiffusion:
             return
         self._unhook_modules()
         self._replay_hooks = self.family.add_hooks(self.unet, self._mode, ENCODER_HOOK)
+        hooks_changed(self.unet)
 
     def _unhook_modules(self) -> None:
         for module, _ in self._replay_hooks:
             remove_hook(module, ENCODER_HOOK)
         self._replay_hooks = []
+        hooks_changed(self.unet)
 
     def __enter__(self):
         return self
@@ -311,7 +324,7 @@ class FasterDiffusion:
             num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
         # Resolving the levels here makes a bad spec fail before any sampling step; a calibrated one
         # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
-        self._run = _Run(num_steps, self._static_levels(num_steps), timesteps)
+        self._run = _Run(num_steps, self._static_levels(num_steps), timesteps, loop_locals=loop_locals)
         scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
         if not hasattr(scheduler, "scale_model_input"):  # a flow-matching latent is no variance-preserving one
             scheduler = None
@@ -343,8 +356,7 @@ class FasterDiffusion:
         supported = self.family.supported_levels(self.unet)
         unsupported = sorted(set(spec) - set(supported))
         if unsupported:
-            needs = "a UNet2DConditionModel" if self.family.supports_calibration else "a stack of at least 3 blocks"
-            raise ValueError(f"plan: levels {unsupported} need {needs}; {type(self.unet).__name__} supports {list(supported)}")
+            raise ValueError(f"plan: levels {unsupported} need {self.family.cheap_levels_need}; {type(self.unet).__name__} supports {list(supported)}")
         return list(spec)
 
     def _guided(self) -> bool:
@@ -405,7 +417,7 @@ class FasterDiffusion:
         if found is None:
             run.levels = [FULL] * run.num_steps
             run.schedule_source = "calibrating: this run is stock and records the encoder features"
-            run.recorder = FeatureRecorder(self.unet).attach(record_steps=False)
+            run.recorder = FeatureRecorder(self.unet, self.family).attach(record_steps=False)
             run.recorder.timesteps = [as_float(t) for t in run.timesteps]
             run.recorder.latent_size = latent_size
             logger.warning(
@@ -565,8 +577,9 @@ class FasterDiffusion:
         return t if scale == 1 else t.to(latent.dtype) / scale
 
     def _cost_model(self, original_forward, call) -> CostModel:
-        """This device's cost model at the run's batch and size: measured once on the run's own inputs."""
-        sample = call["sample"]
+        """This device's cost model at the run's batch and size: measured once on the run's own inputs. Its costs
+        are a step's: with a call per guidance branch, the calls a step at each level makes (``Guidance.calls``)."""
+        sample = self.family.latent(call)
         # guided: the levels measured (deep_cfg needs guidance) and the call's work around the loop differ
         key = (tuple(sample.shape), str(sample.dtype), str(sample.device), self._guided())
         levels = self._cheap_levels()
@@ -592,7 +605,9 @@ class FasterDiffusion:
         with torch.no_grad():
             seconds(FULL, 1)  # warm-up, and the features the other levels replay
             if forecast is not None:  # two full steps' features to extrapolate from, so that a forecast does its work
-                forecast.history, self._mode.step = [(0, forecast.cache), (1, forecast.cache)], 2
+                kept = forecast.snapshot()
+                forecast.set_history([(0, kept), (1, kept)])
+                self._mode.step = 2
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
@@ -600,17 +615,18 @@ class FasterDiffusion:
             curve = self._flop_curve(original_forward, call, flops)
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
-            forecast.history = []
-        least = {k: min(v) for k, v in timings.items()}
+            forecast.set_history([])
+        calls = self._mode.guidance.calls if self._guided() else (lambda level: 1)
+        least = {k: min(v) * calls(k[0]) for k, v in timings.items()}
         # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
             full={g: least[FULL, g] for g in TIMED_GROUPS},
             level={lv: least[lv, 1] for lv in levels},
             step_overhead=self._step_overhead(call),
             call_overhead=self._call_overhead(call),
-            flops=flops,
+            flops={level: f * calls(level) for level, f in flops.items()},
             info={"sample_shape": list(sample.shape), "dtype": key[1], "device": key[2], "guided": key[3]},
-            flop_curve=curve,
+            flop_curve={level: [x * calls(level) for x in c] for level, c in curve.items()},
         )
         self.cost_models[key] = cost
         self._run.measuring += time.perf_counter() - started
@@ -618,36 +634,37 @@ class FasterDiffusion:
 
     def _flop_curve(self, original_forward, call, flops: dict) -> dict:
         """Each level's FLOPs per row of the sample as c + a T + b T^2 in the latent's pixels T (``CostModel.flop_curve``):
-        ``flops`` at this size and counts at two larger ones, one and two downsampling steps wider. Empty where the
-        call carries tensors of the sample's size (a ControlNet's residuals) or frames (a video UNet)."""
-        sample, t = call["sample"], call["timestep"]
-        residuals = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
-        if sample.ndim != 4 or any(call.get(name) is not None for name in residuals):
+        ``flops`` at this size and counts at two larger ones (``DenoiserFamily.resized``). Empty where the family
+        makes no larger call (a ControlNet's residuals, a video UNet's frames)."""
+        t = call["timestep"]
+        resized = [self.family.resized(self.unet, call, k) for k in (1, 2)]
+        if any(c is None for c in resized):
             return {}
-        rows, (h, w) = sample.shape[0], sample.shape[2:]
-        step = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        rows = self.family.latent(call).shape[0]
         counted = [level for level in flops if level not in FORECASTING]  # a forecast does the multiply-adds of the level it forecasts
         per_row = {level: [flops[level] / rows] for level in counted}
-        for k in (1, 2):
-            resized = {**call, "sample": sample.new_zeros(*sample.shape[:2], h + k * step, w + k * step)}
+        for bigger in resized:
             for level in counted:  # full first: the replaying levels read what it keeps at this size
-                per_row[level].append(count_flops(lambda lv=level: self._call_model(original_forward, resized, lv, [t])) / rows)
-        pixels = np.array([(h + k * step) * (w + k * step) for k in (0, 1, 2)], dtype=np.float64)
+                per_row[level].append(count_flops(lambda lv=level: self._call_model(original_forward, bigger, lv, [t])) / rows)
+        pixels = np.array([sample_positions(self.family.latent(c).shape) for c in (call, *resized)], dtype=np.float64)
         powers = np.stack([np.ones(3), pixels, pixels**2], axis=1)
         curve = {level: np.linalg.solve(powers, np.array(counts)).tolist() for level, counts in per_row.items()}
         curve.update({level: curve[base] for level, base in FORECASTING.items() if level in flops})
         return curve
 
     def _step_overhead(self, call) -> float:
-        """Seconds of a sampling step outside the UNet, on a copy of the scheduler: what an SD pipeline does
-        around the UNet call (the guidance batch, scale_model_input, guidance) and the scheduler step."""
+        """Seconds of a sampling step outside the model, on a copy of the scheduler: what a pipeline does around the
+        model call (the guidance batch, scale_model_input where the sampler has it, guidance) and the scheduler step."""
         if self.pipe is None or self._run.timesteps is None:
             return 0.0
-        sample, t = call["sample"], self._run.timesteps[0]
-        latents = sample[: max(1, sample.shape[0] // 2)]
+        sample, t = self.family.latent(call), self._run.timesteps[0]
+        halves = self._guided() and self._mode.guidance.layout == "halves"
+        latents = sample[: max(1, sample.shape[0] // 2)] if halves else sample
 
         def step(scheduler):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            model_input = torch.cat([latents] * 2)
+            if hasattr(scheduler, "scale_model_input"):
+                model_input = scheduler.scale_model_input(model_input, t)
             uncond, cond = model_input.chunk(2)
             scheduler.step(uncond + 7.5 * (cond - uncond), t, latents)
 
@@ -659,18 +676,33 @@ class FasterDiffusion:
         decode. The same for every plan, it weighs on a short run's speed-up as a user times it."""
         if self.pipe is None or self._run.timesteps is None:
             return 0.0
-        sample, steps = call["sample"], len(self._run.timesteps)
+        sample, steps = self.family.latent(call), len(self._run.timesteps)
         guided = self._guided()
-        images = max(1, sample.shape[0] // 2) if guided else sample.shape[0]
-        seconds = _least_seconds(lambda scheduler: scheduler.set_timesteps(steps), sample.device,
+        halves = guided and self._mode.guidance.layout == "halves"
+        images = max(1, sample.shape[0] // 2) if halves else sample.shape[0]
+        shift = {}  # a flow sampler's shift for this size (FluxPipeline's mu), as the pipeline passed it
+        if "mu" in self._run.loop_locals and "mu" in inspect.signature(self.pipe.scheduler.set_timesteps).parameters:
+            shift["mu"] = self._run.loop_locals["mu"]
+        seconds = _least_seconds(lambda scheduler: scheduler.set_timesteps(steps, **shift), sample.device,
                                  prepare=lambda: copy.deepcopy(self.pipe.scheduler))
         encode = getattr(self.pipe, "encode_prompt", None)
-        arguments = {"prompt": "", "device": sample.device, "num_images_per_prompt": images, "do_classifier_free_guidance": guided}
-        if encode is not None and arguments.keys() <= inspect.signature(encode).parameters.keys():
-            seconds += _least_seconds(lambda _: encode(**arguments), sample.device)
+        parameters = inspect.signature(encode).parameters if encode is not None else {}
+        arguments = {"prompt": "", "device": sample.device, "num_images_per_prompt": images}
+        # (SD3's encode_prompt requires its other prompts: None uses the first)
+        arguments.update({name: None for name, p in parameters.items() if name.startswith("prompt_") and p.default is p.empty})
+        if arguments.keys() <= parameters.keys():
+            encodings = 1  # SD's encode_prompt encodes the negative prompt too; Flux's is called once a branch
+            if "do_classifier_free_guidance" in parameters:
+                arguments["do_classifier_free_guidance"] = guided
+            elif guided:
+                encodings = 2
+            if "max_sequence_length" in parameters and "max_sequence_length" in self._run.loop_locals:
+                arguments["max_sequence_length"] = self._run.loop_locals["max_sequence_length"]
+            seconds += encodings * _least_seconds(lambda _: encode(**arguments), sample.device)
         vae = getattr(self.pipe, "vae", None)
-        if sample.ndim == 4 and hasattr(vae, "decode"):  # image latents (a video pipeline decodes frame by frame)
-            latents = torch.zeros(images, vae.config.latent_channels, *sample.shape[2:], dtype=vae.dtype, device=sample.device)
+        latent_size = self.family.latent_size(call)
+        if len(latent_size) == 2 and hasattr(vae, "decode"):  # image latents (a video pipeline decodes frame by frame)
+            latents = torch.zeros(images, vae.config.latent_channels, *latent_size, dtype=vae.dtype, device=sample.device)
             seconds += _least_seconds(lambda _: vae.decode(latents), sample.device)
         return seconds
 
@@ -758,34 +790,18 @@ class FasterDiffusion:
         return next((hook for _, hook in self._replay_hooks if getattr(hook, "forecasts", False)), None)
 
 
-class _Context(BaseState):
-    def reset(self):
-        pass
-
-
-class _ModelHook(ModelHook):
-    """Routes the denoiser's calls made inside a denoising run through the accelerator. Stateful, with a
-    ``StateManager``, so that a pipeline's ``cache_context(name)`` tells it which guidance branch a call is."""
-
-    _is_stateful = True
+class _ModelHook(BranchAwareHook):
+    """Routes the denoiser's calls made inside a denoising run through the accelerator; knows each call's
+    guidance branch from the pipeline's ``cache_context(name)``."""
 
     def __init__(self, accel: FasterDiffusion):
         super().__init__()
         self.accel = accel
-        self.context = StateManager(_Context)
 
     def new_forward(self, module, *args, **kwargs):
         if self.accel._run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         return self.accel._model_forward(self.fn_ref.original_forward, args, kwargs)
-
-    def branch(self) -> str:
-        """The name of the ``cache_context`` the call is in ("cond", "uncond"), or "" outside one."""
-        context = self.context._context
-        return "" if context is None else context.name
-
-    def reset_state(self, module):
-        return module
 
 
 class _ControlNetHook(ModelHook):
@@ -852,9 +868,10 @@ def _nearest_cost_model(models: dict, key, levels) -> CostModel | None:
 
     def distance(item):
         (other, *other_rest), _ = item
-        return abs(np.log(other[0] / shape[0])) + abs(np.log(np.prod(other[2:]) / np.prod(shape[2:])))
+        return abs(np.log(other[0] / shape[0])) + abs(np.log(sample_positions(other) / sample_positions(shape)))
 
-    candidates = [(k, m) for k, m in models.items() if list(k[1:]) == rest and len(k[0]) == len(shape) and k[0][1:2] == shape[1:2]
+    candidates = [(k, m) for k, m in models.items() if list(k[1:]) == rest and len(k[0]) == len(shape)
+                  and sample_channels(k[0]) == sample_channels(shape)
                   and "predicted_from" not in m.info and m.flop_curve and set(levels) <= set(m.level)]
     return min(candidates, key=distance)[1] if candidates else None
 
@@ -936,16 +953,6 @@ def _check_timestep(timestep, expected, i: int) -> None:
             f"faster_diffusion: step {i} was called with t={as_float(timestep)} but the run's timesteps say "
             f"t={as_float(expected)}; the sampling loop does not follow its scheduler's timesteps"
         )
-
-
-def _check_uncalibrated(config: AcceleratorConfig) -> None:
-    """Calibrated specs need a family with a feature recorder and an error model (the UNet's, for now)."""
-    if config.plan is not None and isinstance(parse_plan(config.plan), AutoPlan):
-        raise ValueError(f"plan={config.plan!r}: plan='auto' is calibrated on UNets only for now; on a transformer give "
-                         "explicit levels, e.g. plan='FEEDDFCC' (F/E/D/C: full, encoder, deep, deep_cfg)")
-    if config.plan is None and is_calibrated(config.key_steps):
-        raise ValueError(f"key_steps={config.key_steps!r}: calibrated key steps need a UNet for now; on a transformer give "
-                         "'paper', 'all', 'uniform:K' or step indices")
 
 
 def _output(noise_pred, return_dict: bool, output_class):

@@ -29,13 +29,13 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .plan import (
     CHEAP_LEVELS,
@@ -50,24 +50,21 @@ from .plan import (
     plan_letters,
     segment_gaps,
 )
-from .unet_split import (
+from .family import (
     CONDITIONAL_ONLY,
     ENCODER,
     FORECASTING,
     FULL,
+    SECOND_BRANCH,
+    BranchAwareHook,
+    DenoiserFamily,
     ModelHook,
     StepMode,
     add_hook,
-    add_replay_hooks,
     as_float,
-    bind_unet_call,
-    conditional_rows,
-    encoder_modules,
-    guidance_difference,
-    guides_on_two_halves,
+    family_of,
+    hooks_changed,
     remove_hook,
-    supported_levels,
-    with_reused_guidance,
 )
 
 logger = logging.getLogger("faster_diffusion")
@@ -98,38 +95,44 @@ def _feature_tensors(output) -> list[torch.Tensor]:
     return [t for t in output if isinstance(t, torch.Tensor)]
 
 
-class _SketchHook(ModelHook):
-    """Appends a fixed random sample of the module's output coordinates (per batch row) at each call."""
+class _SketchHook(BranchAwareHook):
+    """Appends a fixed random sample of the module's output coordinates (per batch row) at each step: at the
+    first call of a step that calls the model once per guidance branch."""
 
     def __init__(self, recorder: "FeatureRecorder", slot: int):
         super().__init__()
         self.recorder, self.slot = recorder, slot
 
     def post_forward(self, module, output):
-        self.recorder._record(self.slot, _feature_tensors(output))
+        if self.branch() != SECOND_BRANCH:
+            self.recorder._record(self.slot, _feature_tensors(output))
         return output
 
 
-class _StepHook(ModelHook):
-    """Notes each UNet call's timestep and latent size."""
+class _StepHook(BranchAwareHook):
+    """Notes each step's timestep (in the scheduler's units) and latent size."""
 
     def __init__(self, recorder: "FeatureRecorder"):
         super().__init__()
         self.recorder = recorder
 
     def pre_forward(self, module, *args, **kwargs):
-        call = bind_unet_call(module, args, kwargs)
-        self.recorder.timesteps.append(as_float(call["timestep"]))
-        self.recorder.latent_size = tuple(call["sample"].shape[2:])  # (height, width), or (frames, height, width)
+        if self.branch() != SECOND_BRANCH:
+            family = self.recorder.family
+            call = family.bind_call(module, args, kwargs)
+            self.recorder.timesteps.append(as_float(call["timestep"]) * family.timestep_scale(module))
+            self.recorder.latent_size = family.latent_size(call)  # (height, width), or (frames, height, width)
         return args, kwargs
 
 
 class FeatureRecorder:
-    """Records encoder-feature sketches of every UNet call while attached (one call = one step)."""
+    """Records encoder-feature sketches of every step while attached (a UNet's encoder modules, a transformer's
+    encoder output: ``DenoiserFamily.feature_modules``)."""
 
-    def __init__(self, unet, sketch_size: int = SKETCH_SIZE, seed: int = SKETCH_SEED):
-        self.unet = unet
-        self.modules = encoder_modules(unet)
+    def __init__(self, model, family: DenoiserFamily | None = None, sketch_size: int = SKETCH_SIZE, seed: int = SKETCH_SEED):
+        self.unet = model
+        self.family = family or family_of(model)[0]
+        self.modules = self.family.feature_modules(model)
         self.sketch_size, self.seed = sketch_size, seed
         self.sketches: list[list[torch.Tensor]] = [[] for _ in self.modules]  # [module][step] -> (rows, D)
         self.timesteps: list[float] = []
@@ -137,17 +140,19 @@ class FeatureRecorder:
         self._indices: list[list[torch.Tensor] | None] = [None] * len(self.modules)  # per module, per output tensor
 
     def attach(self, record_steps: bool = True) -> "FeatureRecorder":
-        """Hooks the encoder modules and, with ``record_steps``, the UNet (to note timesteps and latent size;
+        """Hooks the feature modules and, with ``record_steps``, the model (to note timesteps and latent size;
         a caller that already knows them sets ``timesteps`` and ``latent_size`` itself)."""
         for slot, module in enumerate(self.modules):
             add_hook(module, _SketchHook(self, slot), RECORDER_HOOK)
         if record_steps:
             add_hook(self.unet, _StepHook(self), RECORDER_HOOK)
+        hooks_changed(self.unet)
         return self
 
     def detach(self) -> None:
         for module in (*self.modules, self.unet):
             remove_hook(module, RECORDER_HOOK)
+        hooks_changed(self.unet)
 
     def _record(self, slot: int, tensors: list[torch.Tensor]) -> None:
         # The same SKETCH_SIZE coordinates of the module's concatenated outputs at every step, gathered
@@ -186,7 +191,7 @@ class FeatureRecorder:
         if self.num_steps < 1 or len(self.timesteps) != self.num_steps:
             raise RuntimeError(
                 f"faster_diffusion: the recorded run has {self.num_steps} encoder passes for {len(self.timesteps)} "
-                "UNet calls; calibration needs a stock run that calls the UNet once per step"
+                "steps; calibration needs a stock run that calls the model once per step (or once per guidance branch)"
             )
         info = {**info, "sketch_size": self.sketch_size, "sketch_bytes": self.sketch_bytes()}
         return Calibration(self.cost_matrix(), list(self.timesteps), scheduler, self.latent_size, info)
@@ -483,9 +488,10 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     encoder features. ``call_kwargs`` go to ``pipe(...)`` (height, width, guidance_scale, ...). An
     accelerator on ``pipe`` is paused meanwhile.
 
-    With ``plans`` (a 2D UNet), it also fits the error model of plans (``faster_diffusion.plan``): the
-    stock run's UNet calls are replayed at every level of reuse, and the pipeline runs again with one
-    step's output perturbed at a time, to see how much of each step's error reaches the final latent.
+    With ``plans`` (a 2D UNet, or a transformer of at least 3 blocks), it also fits the error model of plans
+    (``faster_diffusion.plan``): the stock run's model calls are replayed at every level of reuse, and the
+    pipeline runs again with one step's output perturbed at a time, to see how much of each step's error
+    reaches the final latent.
 
     ``compute_budget`` (stock images: one prompt's stock call of this run is 1) caps what the calibration
     computes, and with ``plans`` it returns the error model already scaled on outputs (``validate_plan``
@@ -502,19 +508,26 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     generator = call_kwargs.pop("generator", None)
     generators = _generator_factory(seeds, generator)
-    plans = plans and len(supported_levels(pipe.unet)) > 2
+    found = family_of(pipe)
+    if found is None:
+        raise TypeError(f"calibrate needs a pipeline with a supported UNet or transformer; got {type(pipe).__name__}")
+    family, model = found
+    plans = plans and len(family.supported_levels(model)) > 2
+    if plans and family.plans_unsupported(pipe):
+        raise ValueError(f"plans=True: {family.plans_unsupported(pipe)}")
     if plans and isinstance(generator, torch.Generator) and len(prompts) > 1:
         raise ValueError("generator: fitting plans reruns the prompts in copies; give one generator a prompt, or seeds")
-    accel = getattr(pipe.unet, "_faster_diffusion", None)
+    accel = getattr(model, "_faster_diffusion", None)
     if accel is not None:
         accel.disable()
-    recorder = FeatureRecorder(pipe.unet).attach()
-    calls = _CallRecorder(pipe.unet) if plans else None
+    recorder = FeatureRecorder(model, family).attach()
+    calls = _StockRun(pipe, family, model) if plans else None
     started = time.perf_counter()
     call_kwargs = {"output_type": "latent", **call_kwargs}
     try:
         final = pipe(prompts, num_inference_steps=num_inference_steps, generator=generators(1), **call_kwargs).images
         recorder.detach()
+        recorder.timesteps = _loop_timesteps(recorder.timesteps, pipe.scheduler.timesteps)
         fit_budget = None if compute_budget is None else FIT_SHARE * (compute_budget - len(prompts))
         error_model = _fit_error_model(pipe, calls.detach(), final, prompts, generators, num_inference_steps, call_kwargs,
                                        fit_budget) if plans else None
@@ -537,6 +550,15 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
         calibration.info["spent"] = round(spent, 2)
     logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), time.perf_counter() - started)
     return calibration
+
+
+def _loop_timesteps(recorded, scheduled) -> list[float]:
+    """The scheduler's own timesteps where the recorded ones are them up to rounding (FluxPipeline passes t / 1000,
+    read back times 1000), so that a run over the same timesteps matches the calibration exactly."""
+    scheduled = [float(t) for t in scheduled]
+    if len(recorded) == len(scheduled) and all(abs(r - s) <= 1e-4 * max(1.0, abs(s)) for r, s in zip(recorded, scheduled)):
+        return scheduled
+    return list(recorded)
 
 
 #: A budgeted calibration (``compute_budget``) spends this share of what the stock run leaves on fitting the error
@@ -585,33 +607,53 @@ def _generator_factory(seeds, generator=None):
     return make
 
 
-class _CallRecorder(ModelHook):
-    """Keeps every UNet call's arguments and output sample (the stock run the error model replays)."""
+class _StockRun(BranchAwareHook):
+    """Keeps every model call of the stock run the error model replays: its arguments, output and guidance branch,
+    and how the pipeline guides (read from the pipeline call's own variables at its first model call)."""
 
-    def __init__(self, unet):
+    def __init__(self, pipe, family: DenoiserFamily, model):
         super().__init__()
-        self.unet, self.calls, self.outputs = unet, [], []
-        add_hook(unet, self, "faster_diffusion_calls")
+        self.pipe, self.family, self.model = pipe, family, model
+        self.calls, self.outputs, self.branches = [], [], []
+        self.guidance, self.output_class = None, None
+        add_hook(model, self, "faster_diffusion_calls")
 
     def pre_forward(self, module, *args, **kwargs):
-        self.calls.append(bind_unet_call(module, args, kwargs))
+        if not self.calls:
+            self.guidance = self.family.guidance(self.pipe, _pipeline_locals(self.pipe))
+        self.calls.append(self.family.bind_call(module, args, kwargs))
+        self.branches.append(self.branch())
         return args, kwargs
 
     def post_forward(self, module, output):
+        self.output_class = type(output)
         self.outputs.append((output[0] if isinstance(output, tuple) else output.sample).detach())
         return output
 
-    def detach(self) -> "_CallRecorder":
-        remove_hook(self.unet, "faster_diffusion_calls")
+    def steps(self) -> list[dict]:
+        """The calls of each step: {branch: (call, output)} (one call a step: the branch is "")."""
+        found = []
+        for call, output, branch in zip(self.calls, self.outputs, self.branches):
+            paired = self.guidance is not None and self.guidance.layout == "calls" and branch == self.guidance.second
+            if paired and found:
+                found[-1][branch] = (call, output)
+            else:
+                found.append({branch: (call, output)})
+        return found
+
+    def detach(self) -> "_StockRun":
+        remove_hook(self.model, "faster_diffusion_calls")
         return self
 
 
-def _guided(output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
-    """The pipeline's classifier-free-guided prediction from a UNet output of [uncond, cond] rows."""
-    if guidance_scale is None:
-        return output
-    uncond, cond = output.float().chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+def _pipeline_locals(pipe) -> dict:
+    """The variables of ``pipe``'s ``__call__`` on the stack (how it guides: Flux's ``do_true_cfg``), or {}."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            return dict(frame.f_locals)
+        frame = frame.f_back
+    return {}
 
 
 @dataclass(frozen=True)
@@ -708,39 +750,47 @@ def _fill(values: np.ndarray, measured, valid: np.ndarray) -> np.ndarray:
 
 
 class _ReplayedPrefix(ModelHook):
-    """Hands the pipeline the stock run's UNet outputs for its first ``until`` calls, for ``copies`` copies of the
-    prompts: a run perturbed from step ``until`` on computes nothing before it."""
+    """Hands the pipeline the stock run's model outputs for its first ``until`` calls, for ``copies`` copies of the
+    prompts: a run perturbed from a later step on computes nothing before it."""
 
-    def __init__(self, outputs, copies: int, until: int, halves: int):
+    def __init__(self, stock: _StockRun, copies: int, until: int):
         super().__init__()
-        self.outputs, self.copies, self.until, self.halves, self.calls = outputs, copies, until, halves, 0
+        self.stock, self.copies, self.until, self.calls = stock, copies, until, 0
+        guidance = stock.guidance
+        self.halves = 2 if guidance is not None and guidance.layout == "halves" else 1
 
     def new_forward(self, module, *args, **kwargs):
         i, self.calls = self.calls, self.calls + 1
         if i >= self.until:
             return self.fn_ref.original_forward(*args, **kwargs)
-        parts = self.outputs[i].chunk(self.halves)  # [unconditional, conditional] rows under guidance
+        parts = self.stock.outputs[i].chunk(self.halves)  # [unconditional, conditional] rows under guidance
         sample = torch.cat([part.repeat(self.copies, *[1] * (part.ndim - 1)) for part in parts])
-        return (sample,) if not bind_unet_call(module, args, kwargs)["return_dict"] else UNet2DConditionOutput(sample=sample)
+        return_dict = self.stock.family.bind_call(module, args, kwargs)["return_dict"]
+        return self.stock.output_class(sample=sample) if return_dict else (sample,)
 
 
 @torch.no_grad()
-def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, num_steps, call_kwargs, budget=None) -> ErrorModel:
+def _fit_error_model(pipe, recorded: _StockRun, final, prompts, generators, num_steps, call_kwargs, budget=None) -> ErrorModel:
     """The error model of plans from the stock run ``recorded``: thorough (every step), or within ``budget`` stock
     images (``Spending.within``)."""
     started = time.perf_counter()
-    unet = pipe.unet
-    if getattr(pipe, "do_classifier_free_guidance", False) and not guides_on_two_halves(pipe):
+    family, model, guidance = recorded.family, recorded.model, recorded.guidance
+    if getattr(pipe, "do_classifier_free_guidance", False) and guidance is None:
         raise ValueError(f"plans=True: {type(pipe).__name__} guides on more than [unconditional, conditional] rows; "
                          "fit the error model of plans with the model's text-to-image pipeline")
-    guidance = float(pipe.guidance_scale) if guides_on_two_halves(pipe) else None
-    calls, outputs = recorded.calls, recorded.outputs
-    n = len(calls)
+    steps_calls = recorded.steps()
+    n = len(steps_calls)
     steps = len(pipe.scheduler.timesteps)  # the loop's steps (PNDM's are one more than num_inference_steps)
     if n != steps:
-        raise RuntimeError(f"faster_diffusion: the stock run called the UNet {n} times in {steps} steps; plans need one call a step")
-    stock = [_guided(o, guidance) for o in outputs]
-    levels = [lv for lv in supported_levels(unet, guided=guidance is not None) if lv != FULL]
+        raise RuntimeError(f"faster_diffusion: the stock run made {n} model steps in {steps} sampler steps; plans need one a step")
+
+    def prediction(outputs: dict) -> torch.Tensor:
+        """What the sampler reads from a step's outputs ({branch: output}): the guided prediction."""
+        outputs = {branch: family.prediction(model, output) for branch, output in outputs.items()}
+        return guidance.combine(outputs) if guidance is not None else outputs[""]
+
+    stock = [prediction({branch: output for branch, (_, output) in step.items()}) for step in steps_calls]
+    levels = [lv for lv in family.supported_levels(model, guided=guidance is not None) if lv != FULL]
     plain = [lv for lv in levels if lv not in FORECASTING]
     forecasting = {lv: FORECASTING[lv] for lv in levels if lv in FORECASTING}
     # 1. every level, teacher-forced on the stock run's inputs: step a + 1 + k on full step a's features (and, at a
@@ -751,30 +801,38 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     # and of the change to weight 1 (d) give the error at any weight: (mean e^2, mean e.d, mean d^2)
     moments = {lv: np.full((n, MAX_RUN - 1, MAX_RUN, 3), np.nan) for lv in forecasting}
     directions = {}  # step -> the error of the least computed level (deep_cfg where guided) two steps after a full step
-    mode = StepMode(keep_decoder=True)
-    hooks = add_replay_hooks(unet, mode, RECORDER_HOOK)
+    mode = StepMode(keep_decoder=True, guidance=guidance)
+    hooks = family.add_hooks(model, mode, RECORDER_HOOK)
+    hooks_changed(model)
     forecast = next((hook for _, hook in hooks if hook.forecasts), None)
-    kept = {}  # full step -> (the forecast module's output, the guidance difference)
+    kept = {}  # full step -> (the forecast site's kept features, the guidance difference)
 
     def run(level, a, j):
-        """The guided output of step j at ``level`` after full step a (j == a: the full step itself)."""
-        call, rows = calls[j], calls[j]["sample"].shape[0]
+        """The guided prediction of step j at ``level`` after full step a (j == a: the full step itself)."""
         conditional = j > a and level in CONDITIONAL_ONLY
-        if conditional:
-            call, rows = conditional_rows(call, rows), rows // 2
-        mode.active, mode.level, mode.rows, mode.group_size, mode.step = True, FULL if j == a else level, rows, 1, j
-        output = unet(**{**call, "return_dict": False})[0]
+        outputs = {}
+        for branch, (call, _) in steps_calls[j].items():
+            if conditional and guidance.layout == "calls" and branch == guidance.second:
+                continue  # the step's unconditional call is not made
+            latent = family.latent(call)
+            rows = latent.shape[0] * family.rows_inside(model, latent)
+            if conditional and guidance.layout == "halves":
+                call, rows = guidance.cond_half(call, rows), rows // 2
+            mode.active, mode.level, mode.rows, mode.group_size = True, FULL if j == a else level, rows, 1
+            mode.step, mode.branch = j, branch
+            outputs[branch] = model(**{**call, "return_dict": False})[0]
         if j == a and a not in kept:  # (every level's full step a computes the same)
-            kept[a] = (getattr(forecast, "cache", None), guidance_difference(output) if guidance is not None else None)
+            difference = guidance.difference_of(outputs) if guidance is not None else None
+            kept[a] = (forecast.snapshot() if forecast is not None else None, difference)
         if conditional:
             difference = kept[a][1]
             if level in FORECASTING:  # extrapolated like the features
                 difference = difference + forecast.forecast_coefficient() * (difference - kept[forecast.history[0][0]][1])
-            output = with_reused_guidance(output, difference)
-        return _guided(output, guidance)
+            outputs = guidance.with_reused(outputs, difference)
+        return prediction(outputs)
 
     try:
-        # each level's FLOPs over a full call's: what a budget buys
+        # each level's FLOPs over a full step's: what a budget buys
         full_flops = count_flops(lambda: run(FULL, 0, 0))
         fractions = {lv: count_flops(lambda lv=lv: run(lv, 0, 1)) / full_flops for lv in plain}
         kept.clear()
@@ -796,12 +854,12 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
                             directions[j] = difference
             for level in moments:
                 for m in (m for m in spending.distances if m <= min(a, MAX_RUN)):
-                    forecast.history = [(a - m, kept[a - m][0]), (a, kept[a][0])]
+                    forecast.set_history([(a - m, kept[a - m][0]), (a, kept[a][0])])
                     for j in range(a + 1, min(n, a + MAX_RUN)):
                         before = replayed[forecasting[level], j]
                         e, d = before - stock[j], run(level, a, j) - before
                         moments[level][a, j - a - 1, m - 1] = [float((e * e).mean()), float((e * d).mean()), float((d * d).mean())]
-                forecast.history = []
+                forecast.set_history([])
         for i in spending.perturbed:  # the direction of a perturbed step the teacher-forcing did not reach
             if i not in directions:
                 a = max(0, i - 2)
@@ -811,6 +869,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
         mode.active = False
         for module, _ in hooks:
             remove_hook(module, RECORDER_HOOK)
+        hooks_changed(model)
     # what lies beyond the run (a + 1 + k >= n), or before it for a forecast (m > a), stays nan
     a_, k_, m_ = np.ogrid[:n, : MAX_RUN - 1, 1 : MAX_RUN + 1]
     within = a_ + 1 + k_ < n
@@ -839,7 +898,7 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
     # later steps wash random noise out, but not an error shaped like the image.
     sensitivity = np.full(n, np.nan)  # (step 0 is 0: a plan's first step is full)
     copies = max(1, 40 // len(prompts)) if budget is None else 1  # steps far apart are best perturbed one a run
-    halves = 2 if guidance is not None else 1
+    calls_a_step = len(recorded.calls) // n
     scheduler = pipe.scheduler
     perturbed = list(spending.perturbed)
     for first in range(0, len(perturbed), copies):
@@ -863,25 +922,25 @@ def _fit_error_model(pipe, recorded: _CallRecorder, final, prompts, generators, 
             return step(model_output, timestep, sample, *args, **kwargs)
 
         scheduler.step = perturbed_step
-        add_hook(unet, _ReplayedPrefix(outputs, len(targets), min(targets), halves), RECORDER_HOOK)
+        add_hook(model, _ReplayedPrefix(recorded, len(targets), calls_a_step * min(targets)), RECORDER_HOOK)
         try:
             latents = pipe(prompts * len(targets), num_inference_steps=num_steps, generator=generators(len(targets)), **call_kwargs).images
         finally:
             del scheduler.step
-            remove_hook(unet, RECORDER_HOOK)
+            remove_hook(model, RECORDER_HOOK)
         for k, i in enumerate(targets):
             change = float((latents[k * len(prompts) : (k + 1) * len(prompts)].float() - final.float()).pow(2).mean())
             sensitivity[i] = change / deltas[i] if deltas.get(i) else 0.0
     sensitivity = _fill(sensitivity, perturbed, np.ones(n, bool))
     sensitivity[0] = 0.0
-    info = {"guidance_scale": guidance, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1),
+    info = {"guidance_scale": guidance.scale if guidance is not None else None, "perturbation": PERTURBATION, "seconds": round(time.perf_counter() - started, 1),
             "flop_fractions": {lv: round(f, 4) for lv, f in fractions.items()}}
     if budget is not None:
         info["spending"] = {"starts": list(spending.starts), "distances": list(spending.distances), "perturbed": perturbed}
     # (with the calls that measured the fractions)
     info["spent"] = round(spending.cost(n, len(prompts), fractions, plain, forecasting) + len(prompts) * (1 + sum(fractions.values())) / n, 2)
-    model = ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info, forecast_weight=forecast_weight)
-    return ErrorModel.from_dict(model.to_dict())  # what its file will hold: a loaded model picks the same plans
+    error_model = ErrorModel(error, sensitivity, float(final.float().pow(2).mean()), info=info, forecast_weight=forecast_weight)
+    return ErrorModel.from_dict(error_model.to_dict())  # what its file will hold: a loaded model picks the same plans
 
 
 def uniform_probe(level: str, length: int, n: int) -> list[str]:
@@ -947,13 +1006,15 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
             return error, accel
 
         lengths = range(2, model.max_run + 1) if not budgeted else [m for m in PROBE_LENGTHS if m <= model.max_run]
+        probed = {level: {} for level in model.error}
         for level in model.error:
-            corrections = model.level_correction[level] = [1.0] * (model.max_run - 1)
-            probed = {}
-            for length in lengths:
+            model.level_correction[level] = [1.0] * (model.max_run - 1)
+        # length by length (a budget probes the first of PROBE_LENGTHS for every level before the next)
+        for length in lengths:
+            for level in model.error:
                 probe = uniform_probe(level, length, n)
-                if not affordable(probe):
-                    continue
+                if budgeted and spent + price(probe) > PROBE_SHARE * compute_budget:
+                    continue  # (the rest is for the plans auto picks)
                 measured, _ = measure(probe)
                 # the probe's segments of this length take what its shorter last segment (corrected) leaves
                 errors = [(m == length, model.segment_error(a, m, lv, gap)) for a, m, lv, gap in segment_gaps(probe)]
@@ -963,13 +1024,15 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
                 # prediction stays uncorrected, and pessimistic)
                 corrected = of_length > 0 and measured > rest
                 if corrected:
-                    corrections[length - 2] = probed[length] = (measured - rest) / of_length
+                    model.level_correction[level][length - 2] = probed[level][length] = (measured - rest) / of_length
                 predicted = model.predicted_error(probe)
                 tried.append({"plan": plan_letters(probe), "snr_db": round(model.snr_db(measured), 2),
                               "predicted_snr_db": round(model.snr_db(predicted), 2), "corrected": corrected})
-            if budgeted and probed:  # the lengths not probed: interpolated, the nearest probed one's past the ends
-                known = sorted(probed)
-                corrections[:] = [float(c) for c in np.interp(np.arange(2, model.max_run + 1), known, [probed[m] for m in known])]
+        for level, by_length in probed.items():
+            if budgeted and by_length:  # the lengths not probed: interpolated, the nearest probed one's past the ends
+                known = sorted(by_length)
+                model.level_correction[level][:] = [
+                    float(c) for c in np.interp(np.arange(2, model.max_run + 1), known, [by_length[m] for m in known])]
         if not budgeted:
             _, accel = measure("auto")  # this device's cost model, measured by the planner's first call
             cost = next(iter(accel.cost_models.values()))
@@ -1018,8 +1081,10 @@ def validate_plan(pipe, calibration: Calibration, prompts=None, seeds=None, min_
     return plan, report
 
 
-#: The segment lengths a budgeted validation probes (each level's uniform plan of that interval).
-PROBE_LENGTHS = (4,)
+#: The segment lengths a budgeted validation probes (each level's uniform plan of that interval), in this order, while
+#: the probes have spent at most ``PROBE_SHARE`` of its budget; the rest checks the plans auto picks.
+PROBE_LENGTHS = (4, 2)
+PROBE_SHARE = 0.6
 
 
 def _flop_cost_model(fractions: dict) -> CostModel:
@@ -1131,7 +1196,7 @@ def _final_latents(pipe, num_steps: int, prompts, seeds, call_kwargs, calibratio
         finally:
             disable(pipe)
 
-    previous = getattr(pipe.unet, "_faster_diffusion", None)  # put back afterwards
+    previous = getattr(family_of(pipe)[1], "_faster_diffusion", None)  # put back afterwards
     try:
         yield final_latents
     finally:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 #: The levels of reuse a sampling step can run at, from most to least computed. What each one replays is the
 #: family's (``unet_split.LEVELS``' comments for the UNet, ``transformer_split`` for transformers).
@@ -29,6 +30,8 @@ DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 CONDITIONAL_ONLY = (DEEP_CFG, DEEP_CFG_FORECAST)
 #: Levels that extrapolate from the latest two full steps, and the level whose work each does.
 FORECASTING = {DEEP_FORECAST: DEEP, DEEP_CFG_FORECAST: DEEP_CFG}
+#: The ``cache_context`` of a step's second call where a pipeline calls the model once per guidance branch (Flux).
+SECOND_BRANCH = "uncond"
 
 
 @dataclass
@@ -50,15 +53,17 @@ class StepMode:
 
 @dataclass(frozen=True)
 class Guidance:
-    """How a pipeline batches classifier-free guidance.
+    """How a pipeline batches classifier-free guidance, and at which scale it combines the two predictions.
 
     ``layout="halves"``: one call a step on [unconditional, conditional] rows (``cond_first``: [conditional,
     unconditional], DiT's order). ``layout="calls"``: a call per branch, each inside the model's
-    ``cache_context(name)``; the call in ``second`` (Flux's "uncond") belongs to the step of the call before."""
+    ``cache_context(name)``; the call in ``second`` (Flux's "uncond") belongs to the step of the call before.
+    A step's outputs, for the methods that take them, are ``{branch: output}`` (the halves layout: ``{"": output}``)."""
 
     layout: str = "halves"
     cond_first: bool = False
-    second: str = "uncond"
+    second: str = SECOND_BRANCH
+    scale: float = 1.0  # the guidance scale (Flux's true_cfg_scale)
 
     def cond_half(self, obj, rows: int):
         """The conditional rows of every tensor whose batch is ``rows`` (the halves layout)."""
@@ -75,13 +80,65 @@ class Guidance:
         parts = [conditional, conditional - difference]
         return torch.cat(parts if self.cond_first else parts[::-1])
 
+    def calls(self, level: str) -> int:
+        """Model calls a step at ``level`` makes: two with a call per branch, but one at a conditional-only level."""
+        return 2 if self.layout == "calls" and level not in CONDITIONAL_ONLY else 1
+
+    def _pair(self, outputs: dict):
+        if self.layout == "calls":
+            first = next(branch for branch in outputs if branch != self.second)
+            return outputs[first], outputs[self.second]
+        first, second = outputs[""].chunk(2)
+        return (first, second) if self.cond_first else (second, first)
+
+    def combine(self, outputs: dict) -> torch.Tensor:
+        """The guided prediction of a step from its outputs (in float32): uncond + scale (cond - uncond)."""
+        cond, uncond = (x.float() for x in self._pair(outputs))
+        return uncond + self.scale * (cond - uncond)
+
+    def difference_of(self, outputs: dict) -> torch.Tensor:
+        """Conditional less unconditional output of a step that ran both."""
+        cond, uncond = self._pair(outputs)
+        return cond - uncond
+
+    def with_reused(self, outputs: dict, difference: torch.Tensor) -> dict:
+        """A conditional-only step's outputs made whole with the guidance difference ``difference``."""
+        if self.layout == "calls":
+            (branch, cond), = outputs.items()
+            return {branch: cond, self.second: cond - difference}
+        return {"": self.with_unconditional(outputs[""], difference)}
+
+
+class _Branch(BaseState):
+    def reset(self):
+        pass
+
+
+class BranchAwareHook(ModelHook):
+    """A hook that knows the guidance branch of the call it sees: stateful, with a ``StateManager``, so that a
+    pipeline's ``cache_context(name)`` reaches it (diffusers hands the context only to such hooks)."""
+
+    _is_stateful = True
+
+    def __init__(self):
+        super().__init__()
+        self.context = StateManager(_Branch)
+
+    def branch(self) -> str:
+        """The name of the ``cache_context`` the call is in ("cond", "uncond"), or "" outside one."""
+        context = self.context._context
+        return "" if context is None else context.name
+
+    def reset_state(self, module):
+        return module
+
 
 class DenoiserFamily:
     """A family of denoisers: what the accelerator asks of a model it drives (see the module docstring)."""
 
     models: tuple[type, ...] = ()  # the model classes of the family
     latent_name = "sample"  # the forward's argument holding the noisy latent
-    supports_calibration = False  # key_steps="auto" and plan="auto" (a feature recorder, an error and a cost model)
+    cheap_levels_need = ""  # what a model needs for the levels below encoder propagation (for errors)
 
     def find(self, pipe_or_model):
         """The family's denoiser: ``pipe_or_model`` itself, or the pipeline's component; None if neither is."""
@@ -130,6 +187,23 @@ class DenoiserFamily:
         """How ``pipe`` guides in its current call (``loop_locals``: the locals of the call that opened the loop),
         or None without guidance."""
         raise NotImplementedError
+
+    def feature_modules(self, model) -> list[torch.nn.Module]:
+        """The modules whose outputs the feature recorder samples: what encoder propagation replays."""
+        raise NotImplementedError
+
+    def prediction(self, model, output: torch.Tensor) -> torch.Tensor:
+        """The part of a model output the sampler reads (without a learned variance's channels)."""
+        return output
+
+    def resized(self, model, call: dict, k: int) -> dict | None:
+        """``call`` on a latent ``k`` downsampling steps wider and taller (zeros), to count FLOPs at another size;
+        None where the family cannot make one."""
+        return None
+
+    def plans_unsupported(self, pipe) -> str | None:
+        """Why an error model of plans cannot be fitted on ``pipe``'s sampling loop, or None if it can."""
+        return None
 
 
 def bind_call(model, args, kwargs) -> dict:
@@ -216,6 +290,14 @@ def last_rows(obj, rows: int, total: int):
 def add_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(module)
     registry.register_hook(hook, name)
+
+
+def hooks_changed(model: torch.nn.Module) -> None:
+    """After hooks were added to or removed from ``model``'s submodules: diffusers caches which of them a
+    ``cache_context`` reaches (``HookRegistry._get_child_registries``), so that list is made again."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:

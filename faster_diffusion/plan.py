@@ -329,6 +329,16 @@ def segment_gaps(levels) -> list[tuple[int, int, str, int]]:
     return gaps
 
 
+def sample_positions(sample_shape) -> int:
+    """Positions of one row of a model's latent: its pixels, (rows, channels, [frames,] height, width), or its
+    tokens, Flux's packed (rows, tokens, channels)."""
+    return int(np.prod(sample_shape[1:2] if len(sample_shape) == 3 else sample_shape[2:]))
+
+
+def sample_channels(sample_shape) -> int:
+    return int(sample_shape[2] if len(sample_shape) == 3 else sample_shape[1])
+
+
 @dataclass
 class CostModel:
     """Seconds (and FLOPs) of UNet calls on one device at one batch and size (measured by the accelerator)."""
@@ -341,7 +351,7 @@ class CostModel:
     call_overhead: float = 0.0
     flops: dict[str, float] = field(default_factory=dict)  # level -> FLOPs of one call
     info: dict = field(default_factory=dict)
-    # level -> (c, a, b): a call's FLOPs per row of the sample at T latent pixels, c + a T + b T^2 (convolutions and
+    # level -> (c, a, b): a call's FLOPs per row of the sample at T latent pixels (tokens: ``sample_positions``), c + a T + b T^2 (convolutions and
     # projections grow with T, self-attention with T^2), fitted exactly on three sizes; what ``predicted`` scales by
     flop_curve: dict[str, list[float]] = field(default_factory=dict)
 
@@ -360,9 +370,9 @@ class CostModel:
                    flop_curve={k: [float(x) for x in v] for k, v in data.get("flop_curve", {}).items()})
 
     def call_flops(self, level: str, sample_shape) -> float:
-        """FLOPs of one call at ``level`` on a sample of ``sample_shape`` (rows, channels, height, width), from the curve."""
+        """FLOPs of one call at ``level`` on a sample of ``sample_shape`` (``sample_positions``), from the curve."""
         c, a, b = self.flop_curve[level]
-        pixels = float(np.prod(sample_shape[2:]))
+        pixels = float(sample_positions(sample_shape))
         return sample_shape[0] * (c + a * pixels + b * pixels**2)
 
     def predicted(self, sample_shape) -> "CostModel":
@@ -380,7 +390,7 @@ class CostModel:
             after = self.flops[FULL] * scale[FULL] + (g - 1) * decoder * scale.get(ENCODER, 0.0)
             return after / before
 
-        pixels = float(np.prod(sample_shape[:1]) * np.prod(sample_shape[2:])) / float(np.prod(here[:1]) * np.prod(here[2:]))
+        pixels = float(sample_shape[0] * sample_positions(sample_shape)) / float(here[0] * sample_positions(here))
         return CostModel(
             full={g: t * group(g) for g, t in self.full.items()},
             level={level: t * scale[level] for level, t in self.level.items()},

@@ -210,6 +210,26 @@ class BlockHook(ModelHook):
     def forecast_coefficient(self) -> float | None:
         return forecast_coefficient(self.history, self.mode.step, self.mode.forecast_weights.get(self.mode.level))
 
+    def snapshot(self) -> dict:
+        """What the latest full step kept, per guidance branch, for ``set_history`` (a calibration that places
+        forecasts by hand)."""
+        span = self._residual_span()
+        return {branch: state.residual for branch, state in span.states.items()}
+
+    def set_history(self, history) -> None:
+        """The full steps a forecast extrapolates from: [(step, snapshot), (step, snapshot)], or []."""
+        span = self._residual_span()
+        if not history:
+            for state in span.states.values():
+                state.history = []
+            return
+        (s0, f0), (s1, f1) = history
+        for branch in f1:
+            span.state(branch).history = [(s0, f0[branch]), (s1, f1[branch])]
+
+    def _residual_span(self) -> Span:
+        return next(span for span, _, closes in self.spans if closes and span.site.residual)
+
     def _residual_state(self) -> SpanState:
         return next(span for span, _, closes in self.spans if closes and span.site.residual).state(self.mode.branch)
 
@@ -247,6 +267,7 @@ class TransformerFamily(DenoiserFamily):
 
     models = SUPPORTED_TRANSFORMERS
     latent_name = "hidden_states"
+    cheap_levels_need = "a stack of at least 3 blocks"
 
     def __init__(self, encoder_depth: int | None = None):
         self.encoder_depth = encoder_depth
@@ -286,9 +307,41 @@ class TransformerFamily(DenoiserFamily):
         """From the loop's own variables where the pipeline keeps them there: Flux's ``do_true_cfg`` (a call per
         branch), ``do_classifier_free_guidance`` (SD3's property, PixArt's local), DiT's ``guidance_scale``."""
         if "do_true_cfg" in loop_locals:
-            return Guidance("calls") if loop_locals["do_true_cfg"] else None
+            return Guidance("calls", scale=float(loop_locals["true_cfg_scale"])) if loop_locals["do_true_cfg"] else None
         guided = getattr(pipe, "do_classifier_free_guidance", loop_locals.get("do_classifier_free_guidance"))
+        scale = loop_locals.get("guidance_scale", getattr(pipe, "guidance_scale", 1.0))
         if guided is None and "guidance_scale" in loop_locals:
-            guided = loop_locals["guidance_scale"] > 1
+            guided = scale > 1
         model = self.find(pipe)
-        return Guidance("halves", cond_first=isinstance(model, CONDITIONAL_FIRST)) if guided else None
+        return Guidance("halves", cond_first=isinstance(model, CONDITIONAL_FIRST), scale=float(scale)) if guided else None
+
+    def feature_modules(self, model):
+        """The encoder's last block: its output is what encoder propagation replays."""
+        blocks = transformer_blocks(model)
+        return [blocks[sites(len(blocks), self.encoder_depth)[0].stop - 1]]
+
+    def prediction(self, model, output):
+        """Without the learned variance's channels (PixArt's and DiT's second half), which the samplers drop."""
+        latent_channels = model.config.in_channels
+        return output.chunk(2, dim=1)[0] if output.ndim == 4 and output.shape[1] == 2 * latent_channels else output
+
+    def resized(self, model, call, k):
+        latent = self.latent(call)
+        if latent.ndim == 4:  # (batch, channels, height, width), patchified inside
+            step = k * model.config.patch_size
+            return {**call, self.latent_name: latent.new_zeros(*latent.shape[:2], latent.shape[2] + step, latent.shape[3] + step)}
+        ids = call.get("img_ids")
+        if ids is None or ids.ndim != 2:
+            return None
+        # Flux's packed latents: a token grid k tokens wider and taller, with its position ids
+        rows, cols = (int(ids[:, axis].max()) + 1 + k for axis in (1, 2))
+        grid = torch.zeros(rows, cols, 3, dtype=ids.dtype, device=ids.device)
+        grid[..., 1] += torch.arange(rows, device=ids.device, dtype=ids.dtype)[:, None]
+        grid[..., 2] += torch.arange(cols, device=ids.device, dtype=ids.dtype)[None, :]
+        return {**call, self.latent_name: latent.new_zeros(latent.shape[0], rows * cols, latent.shape[2]), "img_ids": grid.reshape(-1, 3)}
+
+    def plans_unsupported(self, pipe):
+        if isinstance(self.find(pipe), CONDITIONAL_FIRST):
+            return (f"{type(pipe).__name__} steps its guided rows together and guides part of their channels; its error model "
+                    "of plans is not fitted (give plan letters or key_steps)")
+        return None

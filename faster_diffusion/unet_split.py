@@ -137,6 +137,14 @@ class ReplayHook(ModelHook):
         """c in f1 + c * (f1 - f0) at the current step (at a forecasting level); None without two full steps."""
         return forecast_coefficient(self.history, self.mode.step, self.mode.forecast_weights.get(self.mode.level))
 
+    def snapshot(self):
+        """What the latest full step kept, for ``set_history`` (a calibration that places forecasts by hand)."""
+        return self.cache
+
+    def set_history(self, history) -> None:
+        """The full steps a forecast extrapolates from: [(step, snapshot), (step, snapshot)], or []."""
+        self.history = list(history)
+
     def _replayed(self):
         """The kept output, or at a forecasting level its extrapolation from the latest two full steps."""
         if not (self.forecasts and self.mode.level in FORECASTING and self.history):
@@ -253,7 +261,7 @@ class UNetFamily(DenoiserFamily):
 
     models = SUPPORTED_UNETS
     latent_name = "sample"
-    supports_calibration = True
+    cheap_levels_need = "a UNet2DConditionModel"
 
     def rows_inside(self, model, latent):
         return frames_per_row(model, latent)
@@ -268,4 +276,15 @@ class UNetFamily(DenoiserFamily):
         return supported_levels(model, guided)
 
     def guidance(self, pipe, loop_locals):
-        return Guidance("halves") if guides_on_two_halves(pipe) else None
+        return Guidance("halves", scale=float(pipe.guidance_scale)) if guides_on_two_halves(pipe) else None
+
+    def feature_modules(self, model):
+        return encoder_modules(model)
+
+    def resized(self, model, call, k):
+        sample = call["sample"]
+        residuals = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
+        if sample.ndim != 4 or any(call.get(name) is not None for name in residuals):
+            return None  # a ControlNet's residuals (or a video's frames) have the sample's size too
+        step = k * 2 ** (len(model.config.block_out_channels) - 1)  # the UNet's downsampling
+        return {**call, "sample": sample.new_zeros(*sample.shape[:2], sample.shape[2] + step, sample.shape[3] + step)}

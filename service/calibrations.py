@@ -107,11 +107,12 @@ def service_scheduler(pipe, scheduler_name: str, base_config=None):
 
 
 def calibrate(pipe, scheduler_name: str, steps: int, height: int, width: int, prompts, base_config=None,
-              plans: bool = False, compute_budget: float | None = None) -> faster_diffusion.Calibration:
+              plans: bool = False, compute_budget: float | None = None, arguments: dict | None = None) -> faster_diffusion.Calibration:
     """One stock run of ``prompts`` with the service's scheduler ``scheduler_name``, seeds from CALIBRATION_SEED;
     with ``plans``, also the error model of plans, scaled on outputs (``faster_diffusion.validate_plan``):
-    thorough, or within ``compute_budget`` stock images (``faster_diffusion.calibrate``)."""
-    kwargs = dict(height=height, width=width, guidance_scale=GUIDANCE_SCALE)
+    thorough, or within ``compute_budget`` stock images (``faster_diffusion.calibrate``). ``arguments``: the
+    pipeline call's guidance arguments (``Planner.guidance_arguments``; default Stable Diffusion's guidance 7.5)."""
+    kwargs = dict(height=height, width=width, **_guidance(arguments))
     with service_scheduler(pipe, scheduler_name, base_config):
         calibration = faster_diffusion.calibrate(pipe, prompts, steps, seeds=seeds(prompts), plans=plans,
                                                  compute_budget=compute_budget, **kwargs)
@@ -130,10 +131,14 @@ def refine(pipe, calibration, scheduler_name: str, budget: int, height: int, wid
         )
 
 
-def validate_plan(pipe, calibration, scheduler_name: str, height: int, width: int, base_config=None):
+def validate_plan(pipe, calibration, scheduler_name: str, height: int, width: int, base_config=None, arguments: dict | None = None):
     """``faster_diffusion.validate_plan`` on the calibration's own prompts and seeds, with the service's scheduler."""
     with service_scheduler(pipe, scheduler_name, base_config):
-        return faster_diffusion.validate_plan(pipe, calibration, height=height, width=width, guidance_scale=GUIDANCE_SCALE)
+        return faster_diffusion.validate_plan(pipe, calibration, height=height, width=width, **_guidance(arguments))
+
+
+def _guidance(arguments: dict | None) -> dict:
+    return {"guidance_scale": GUIDANCE_SCALE} if arguments is None else dict(arguments)
 
 
 def validate(pipe, calibration, scheduler_name: str, height: int, width: int, prompts, base_config=None):

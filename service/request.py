@@ -20,7 +20,6 @@ log (encoder propagation at the paper's key steps did not keep them on weights/t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -141,8 +140,6 @@ class Planner:
         if max_pixels is None:
             max_pixels = int(os.environ.get("FASTER_DIFFUSION_MAX_PIXELS", DEFAULT_MAX_PIXELS))
         self.max_pixels = max_pixels
-        found = faster_diffusion.family_of(pipe)
-        self.calibrates = found is not None and found[0].supports_calibration  # plan="auto" can plan these weights
 
     @property
     def weights_name(self) -> str:
@@ -159,11 +156,11 @@ class Planner:
             self._check_transformer_inputs(image, mask, lora, negative_prompt)
         request = self._pick_pipeline(image, mask, prompt_strength, width, height, steps)
         request.num_outputs, request.scheduler, request.guidance_scale = num_outputs, scheduler, guidance_scale
-        request.acceleration = self._transformer_acceleration(acceleration, request.notes)
+        request.acceleration = acceleration
         self._check_size(request.width, request.height, num_outputs)
         guided = guidance_scale > 1 and not defaults.distilled  # distilled guidance: one transformer call a step
         request.acceleration.check(request.loop_steps, guided=guided)
-        request.arguments.update(self._guidance_arguments(negative_prompt, guidance_scale))
+        request.arguments.update(self.guidance_arguments(negative_prompt, guidance_scale))
         return request
 
     def _check_scheduler(self, name: str) -> str:
@@ -190,31 +187,7 @@ class Planner:
             raise ValueError(f"negative_prompt: these {self.weights_name} weights guide through their transformer's guidance "
                              "embedding (distilled guidance, guidance_scale), which takes no negative prompt; leave it empty")
 
-    def _transformer_acceleration(self, acceleration: Acceleration, notes: list) -> Acceleration:
-        """``acceleration``, or what the library offers instead on a transformer it cannot calibrate: plan="auto"
-        runs the stock pipeline (noted); a calibrated request it cannot serve fails."""
-        if self.transformer is None or not acceleration.on or self.calibrates:
-            return acceleration
-        model = type(self.transformer).__name__
-        if acceleration.key_steps:
-            if is_calibrated(acceleration.key_steps):  # a malformed value fails here, naming key_steps
-                raise ValueError(
-                    f"key_steps={acceleration.key_steps!r}: calibrated key steps need a calibration, which faster-diffusion "
-                    f"cannot make for a {model} yet; these {self.weights_name} weights take key_steps 'paper', 'all', "
-                    "'uniform:K' or step indices, or a plan of explicit levels")
-            return acceleration
-        if not isinstance(faster_diffusion.parse_plan(acceleration.plan), AutoPlan):  # a malformed plan fails here
-            return acceleration
-        if acceleration.plan.strip().lower() != "auto":
-            raise ValueError(
-                f"plan={acceleration.plan!r}: the planner has no error model for a {model} yet, so it cannot pick a plan "
-                f"for a speed-up; these {self.weights_name} weights take plan='auto' (served as the stock pipeline), "
-                "explicit levels of F, E, D, X, C and Y (e.g. 'FEEDDFCC'), or key_steps ('paper': the paper's DiT method)")
-        notes.append(f"plan='auto' cannot plan on a {model} yet (faster-diffusion has no calibration for transformers): "
-                     "the stock pipeline instead; explicit plan levels or key_steps accelerate")
-        return dataclasses.replace(acceleration, mode="none")
-
-    def _guidance_arguments(self, negative_prompt: str, guidance_scale: float) -> dict:
+    def guidance_arguments(self, negative_prompt: str, guidance_scale: float) -> dict:
         """The pipeline call's prompt-side arguments: the negative prompt, the guidance and the T5 length."""
         defaults = self.defaults
         if self.transformer is None:

@@ -181,8 +181,7 @@ def test_bad_plans_name_the_field(case):
     name, pipe, kwargs = case
     bad = [
         (dict(plan="FEQ"), "plan", "F/E/S/D/X/C/Y"),
-        (dict(plan="auto"), "plan", "explicit levels"),
-        (dict(key_steps="auto"), "key_steps", "'paper', 'all'"),
+        (dict(plan="auto:0.5"), "plan", "auto:T"),
         (dict(key_steps=[0, 3, 2]), "key_steps", "strictly increasing"),
     ]
     for options, field, accepted in bad:
