@@ -32,6 +32,7 @@ import torch
 from cog import BaseRunner, Input, Path
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
+from faster_diffusion.calibration import shipped_calibrations
 from service import calibrations, safety
 from service.memory import bound_thread_caches, release_freed_memory
 from service.plans import CostModelStore
@@ -43,6 +44,7 @@ from service.schedulers import FLOW_SCHEDULERS, SCHEDULERS, flow_schedulers, mak
 from service.weights import SD_GUIDANCE, SD_SCHEDULER, SD_STEPS, load_pipeline, resolve_weights
 
 DEFAULT_SCHEDULER, DEFAULT_STEPS = SD_SCHEDULER, SD_STEPS  # Stable Diffusion weights' (transformers': their own)
+MAX_MADE_CALIBRATIONS = 16  # transformer weights: calibrations made by first runs, kept in memory (newest)
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 SAVE_OPTIONS = {"png": {}, "webp": {"quality": 95}, "jpg": {"quality": 95}}
 PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
@@ -100,9 +102,13 @@ class Predictor(BaseRunner):
         self.schedulers = flow_schedulers(self.pipe)
         self.planner = Planner(self.pipe, schedulers=self.schedulers)
         self.store = self.cost_models = None
+        self.made_calibrations = []  # made at setup or by a first run, newest last (the shipped ones the library reads)
         defaults = self.planner.defaults
         guidance = defaults.guidance + (" (distilled)" if defaults.distilled else "")
-        acceleration = "plan='auto' from the weights' calibrations (derived for other samplers, steps and sizes), or a first run that calibrates its key steps"
+        shipped = self._calibrate_transformer_at_setup(resolved.path)
+        self._warm_up()
+        acceleration = (f"plan='auto' from the weights' {shipped}" if shipped else
+                        "plan='auto' from the calibration made at setup") + " (derived for other samplers, steps and sizes)"
         dtype = str(transformer.dtype).replace("torch.", "")
         print(
             f"setup: loaded {resolved.path} ({type(self.pipe).__name__} with a {type(transformer).__name__}, {dtype} on "
@@ -113,22 +119,43 @@ class Predictor(BaseRunner):
             flush=True,
         )
 
+    def _calibrate_transformer_at_setup(self, model_dir) -> str:
+        """Transformer weights: what they ship for the default call (script/calibrate), else a calibration made here
+        within the setup budget, as for Stable Diffusion weights; returns what was shipped ("" if nothing)."""
+        defaults = self.planner.defaults
+        size, steps, scheduler = defaults.native_size, defaults.num_inference_steps, defaults.scheduler
+        shipped = [c for c in shipped_calibrations(model_dir) if c.error_model is not None]
+        if any(c.info.get("service_scheduler") == scheduler and c.num_steps == steps for c in shipped):
+            return f"{len(shipped)} shipped calibrations"
+        started, budget = time.perf_counter(), self.setup_budget
+        spend = None if budget is None else budget - calibrations.WARM_UP_IMAGES
+        arguments = self.planner.guidance_arguments("", defaults.guidance_scale)
+        calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, calibrations.calibration_prompts(model_dir),
+                                             self.base_config, plans=True, compute_budget=spend, arguments=arguments)
+        calibration.info["source"] = "calibrated at setup" + ("" if budget is None else f" within {spend:g} stock images")
+        self.made_calibrations.append(calibration)
+        cost = "thorough" if budget is None else f"{calibration.info['spent']:g} of {spend:g} stock images"
+        print(f"calibrated {scheduler}-{steps} at {size}x{size} at setup ({cost}) in {time.perf_counter() - started:.1f}s: "
+              f"plan auto={calibration.error_model.info['validation']['plan']}", flush=True)
+        return ""
+
     def _warm_up(self) -> None:
         """One untimed run of the defaults: the planner measures this device's cost model for one image at
         the native size (once per process) and chooses the default plan, so the first request does not."""
-        pipe = self.pipe
-        pipe.scheduler = self.schedulers[DEFAULT_SCHEDULER]
         acceleration = Acceleration()
-        with accelerated(pipe, acceleration, self._calibrations_for(self.planner.plan(
-                image=None, mask=None, prompt_strength=1.0, width=None, height=None, num_outputs=1,
-                num_inference_steps=DEFAULT_STEPS, acceleration=acceleration, guidance_scale=SD_GUIDANCE), DEFAULT_SCHEDULER)):
-            pipe("", num_inference_steps=DEFAULT_STEPS, guidance_scale=SD_GUIDANCE, output_type="latent",
-                 generator=torch.Generator("cpu").manual_seed(0))
+        request = self.planner.plan(image=None, mask=None, prompt_strength=1.0, width=None, height=None, num_outputs=1,
+                                    num_inference_steps=None, acceleration=acceleration, guidance_scale=None)
+        request.pipe.scheduler = self.schedulers[request.scheduler]
+        with accelerated(request.pipe, request.acceleration, self._calibrations_for(request, request.scheduler)):
+            request.pipe("", **request.arguments, num_inference_steps=request.steps, output_type="latent",
+                         generator=torch.Generator("cpu").manual_seed(0))
 
     @property
     def calibrations(self) -> list:
         """The calibrations this server made at setup (the shipped and cached ones are in ``self.store``)."""
-        return [] if self.store is None else [c for c in self.store.setup]
+        if self.store is None:
+            return [c for c in self.made_calibrations if c.info.get("source", "").startswith("calibrated at setup")]
+        return [c for c in self.store.setup]
 
     def _calibrate_at_setup(self, scheduler: str, steps: int, size: int) -> None:
         """key_steps="auto" needs a calibration; the settings without one of their own are derived from
@@ -307,8 +334,9 @@ class Predictor(BaseRunner):
         if accel is not None and self.store is not None:
             self._keep_made_calibrations(accel, scheduler, made_with_lora=lora_file is not None)
             self.cost_models.save_new()
-        elif accel is not None:
-            accel.calibrations.clear()  # (transformers: nothing kept between predictions)
+        elif accel is not None:  # transformers: a first run's key-step calibration serves the next runs
+            self.made_calibrations = [*self.made_calibrations, *accel.calibrations][-MAX_MADE_CALIBRATIONS:]
+            accel.calibrations.clear()
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
         release_freed_memory()  # a new size's freed buffers back to the system: memory does not creep
         flags = getattr(result, "nsfw_content_detected", None)
@@ -321,8 +349,10 @@ class Predictor(BaseRunner):
         """The calibration of this run for plan="auto" or key_steps="auto": exact, else derived from the nearest
         one (no stock run); for a plan, one with an error model where any has one. Empty when nothing of the
         sampler is calibrated: the library's first run calibrates."""
-        if self.store is None or not request.acceleration.needs_calibration:
-            return []  # (transformer weights: the library reads the calibrations the weights ship itself)
+        if self.store is None:  # transformer weights: the library reads the shipped ones itself
+            return list(self.made_calibrations) if request.acceleration.needs_calibration else []
+        if not request.acceleration.needs_calibration:
+            return []
         timesteps = make_scheduler(scheduler, self.base_config)
         timesteps.set_timesteps(request.steps)  # img2img runs its tail: the accelerator takes the slice
         latent = (request.height // self.pipe.vae_scale_factor, request.width // self.pipe.vae_scale_factor)

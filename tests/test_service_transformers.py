@@ -14,6 +14,7 @@ import inspect
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ import pytest
 import requests
 import torch
 from PIL import Image
+
+from service import calibrations
 
 from conftest import ROOT, entry_point
 
@@ -109,9 +112,13 @@ def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_d
     setup_log = capsys.readouterr().out
     assert "FluxPipeline with a FluxTransformer2DModel" in setup_log, setup_log
     planner, defaults = predictor.planner, predictor.planner.defaults
-    # no UNet parts: no derived img2img / inpainting pipelines, no calibration at setup, no cost-model store
+    # no UNet parts: no derived img2img / inpainting pipelines, no cost-model store; weights that ship no calibration
+    # are calibrated at setup within its budget, as Stable Diffusion weights are
     assert planner.img2img is None and planner.inpaint is None
-    assert predictor.store is None and predictor.cost_models is None and predictor.calibrations == []
+    assert predictor.store is None and predictor.cost_models is None
+    (made,) = predictor.calibrations
+    assert made.error_model is not None and made.info["spent"] <= calibrations.SETUP_BUDGET - calibrations.WARM_UP_IMAGES
+    assert "calibrated FlowMatchEuler-28 at 32x32 at setup" in setup_log and "from the calibration made at setup" in setup_log
     # defaults from the weights: no guidance embedding, so true CFG; the pipeline's 28 steps; the VAE's size
     assert (defaults.scheduler, defaults.num_inference_steps, defaults.guidance) == ("FlowMatchEuler", 28, "true_cfg_scale")
     assert defaults.guidance_scale == 4.0 and not defaults.distilled
@@ -125,9 +132,16 @@ def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_d
     assert image.shape == (32, 32, 3)
     log = capsys.readouterr().out
     assert "scheduler=FlowMatchEuler" in log and "steps=28" in log and "guidance_scale=4.0 (true_cfg_scale)" in log, log
-    if not planner.calibrates:  # the library cannot plan transformers yet: the stock pipeline, said so
-        assert "acceleration: plan='auto' cannot plan on a FluxTransformer2DModel yet" in log, log
-        assert "key_steps=all (stock pipeline) transformer_calls=56 (plan='auto' cannot plan" in log, log
+    assert "schedule_source='auto from the calibration argument (calibrated at setup" in log, log
+    # another step count: derived from the setup's calibration, nothing run stock
+    run(predictor, prompt=PROMPT, seed=1, num_inference_steps=20)
+    log = capsys.readouterr().out
+    assert "schedule_source='auto from a calibration derived from" in log, log
+    # key_steps="auto" at a size nothing calibrated: the first run is stock and calibrates, the next one propagates
+    run(predictor, prompt=PROMPT, seed=1, key_steps="auto", width=48, height=48)
+    assert "schedule_source='calibrating: this run is stock" in capsys.readouterr().out
+    run(predictor, prompt=PROMPT, seed=1, key_steps="auto", width=48, height=48)
+    assert int(re.search(r"encoder_passes=(\d+) ", capsys.readouterr().out).group(1)) < 28
 
 
 def test_the_service_calls_flux_as_its_default_call(flux):
@@ -161,8 +175,7 @@ def test_flux_takes_its_flow_samplers_and_explicit_plans(flux, capsys):
         (dict(lora_weights="https://example.com/lora.safetensors"), r"^lora_weights: LoRAs are served for Stable Diffusion weights only"),
         (dict(width=72), r"^width=72 must be a multiple of 16 \(try 64 or 80\)"),
         (dict(height=40), r"^height=40 must be a multiple of 16"),
-        (dict(key_steps="auto"), r"^key_steps='auto': calibrated key steps need a calibration"),
-        (dict(plan="auto:2"), r"^plan='auto:2': the planner has no error model for a FluxTransformer2DModel yet"),
+        (dict(plan="auto:0.5"), r"^plan='auto:0.5'"),
         (dict(plan="FSSS"), r"^plan: levels \['shallow'\]"),
         (dict(plan="FEEF", key_steps="paper"), r"^plan='FEEF' and key_steps='paper': set one of them"),
     ],
@@ -171,8 +184,6 @@ def test_what_flux_weights_cannot_use_fails_naming_the_field(flux, tmp_path, inp
     if "image" in inputs or "mask" in inputs:
         Image.new("RGB", (32, 32), "white").save(tmp_path / "in.png")
         inputs = {k: (tmp_path / "in.png" if v == "IMAGE" else v) for k, v in inputs.items()}
-    if flux.planner.calibrates and ("key_steps" in inputs or "plan" in inputs) and "auto" in str(inputs):
-        pytest.skip("the library calibrates transformers now: calibrated specs are served")
     with pytest.raises(ValueError, match=message):
         run(flux, **{**FAST, **inputs})
 
@@ -286,6 +297,8 @@ def test_cog_http_serves_transformer_weights_at_their_defaults(served_flux):
     assert image.size == (native, native)
     log = served_flux.log()
     assert "scheduler=FlowMatchEuler" in log and "steps=28" in log and "(true_cfg_scale)" in log, log[-3000:]
+    if flux_bundled_available():  # the plan auto picks from the calibration the weights ship
+        assert "schedule_source='auto from file " in log and "FlowMatchEuler-28steps-8x8.json" in log, log[-3000:]
 
 
 def test_cog_http_fails_a_request_the_transformer_weights_cannot_use_naming_the_field(served_flux):

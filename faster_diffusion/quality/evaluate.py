@@ -83,15 +83,18 @@ SAMPLERS = {
 SAMPLER_NAMES = {k: v[0] for k, v in SAMPLERS.items()}
 DEFAULT_STEPS = {k: v[1] for k, v in SAMPLERS.items()}
 
-#: FluxPipeline models (weights/tiny-shapes-flux, script/train-flux-reference): name -> (sampler, steps), each
-#: sampled stock with true classifier-free guidance FLUX_TRUE_CFG and an empty negative prompt (the model's
-#: default call); "flux-euler" (the model's own scheduler at its default 28 steps) is the fidelity reference
-FLUX_SETTINGS: dict[str, tuple[str, int]] = {
+#: FluxPipeline models (weights/tiny-shapes-flux, script/train-flux-reference): name -> (sampler, steps[, plan]),
+#: each sampled with true classifier-free guidance FLUX_TRUE_CFG and an empty negative prompt (the model's default
+#: call), stock or with ``faster_diffusion.enable(pipe, plan=...)`` (the calibrations the model ships); "flux-euler"
+#: (the model's own scheduler at its default 28 steps) is the fidelity reference
+FLUX_SETTINGS: dict[str, tuple] = {
     "flux-euler": ("euler", 28),
     "flux-euler14": ("euler", 14),
     "flux-euler10": ("euler", 10),
     "flux-unipc": ("unipc", 20),
     "flux-dpm": ("dpm", 20),
+    "flux-euler-plan-auto": ("euler", 28, "auto"),
+    "flux-euler-plan-auto2": ("euler", 28, "auto:2"),
 }
 #: flow sampler (an alias in faster_diffusion.samplers.FLOW_SAMPLERS) -> display name
 FLUX_SAMPLER_NAMES = {s.aliases[0]: s.label for s in FLOW_SAMPLERS.values()}
@@ -370,9 +373,12 @@ def evaluate_flux(
     log(f"{len(items)} images ({num_prompts} prompts x {seeds} seeds), true CFG {FLUX_TRUE_CFG}, model {model}")
     images: dict[str, np.ndarray] = {}
     results = []
+    import faster_diffusion
+
     for name in order:
-        sampler, n_steps = FLUX_SETTINGS[name]
+        sampler, n_steps, *plan = FLUX_SETTINGS[name]
         pipe.scheduler = own if sampler == "euler" else flux_scheduler(pipe, sampler)
+        accel = faster_diffusion.enable(pipe, plan=plan[0]) if plan else None
         out = []
         t0 = time.perf_counter()
         for i in range(0, len(items), batch_size):
@@ -381,18 +387,20 @@ def evaluate_flux(
             res = pipe([p for p, _ in chunk], num_inference_steps=n_steps, generator=gens, output_type="np", **FLUX_CALL)
             out.append(np.asarray(res.images, dtype=np.float32))
         seconds = time.perf_counter() - t0
+        stats = dict(accel.stats) if accel is not None else {"steps": n_steps, "encoder_passes": n_steps, "transformer_calls": 2 * n_steps}
+        faster_diffusion.disable(pipe)
         images[name] = imgs = np.concatenate(out)
         detections = [shapes.detect(im) for im in imgs]
         psnr, ssim, same = fidelity(images["flux-euler"], imgs)
         ref = next((r for r in results if r["name"] == "flux-euler"), None)
         results.append({
             "name": name,
-            "label": f"{FLUX_SAMPLER_NAMES[sampler]}-{n_steps} stock",
+            "label": f"{FLUX_SAMPLER_NAMES[sampler]}-{n_steps} " + (f"plan={plan[0]} ({stats.get('plan')})" if plan else "stock"),
             "sampler": FLUX_SAMPLER_NAMES[sampler],
             "steps": n_steps,
             "reference": "flux-euler",
-            "accelerated": False,
-            "stats": {"steps": n_steps, "encoder_passes": n_steps, "transformer_calls": 2 * n_steps},
+            "accelerated": bool(plan),
+            "stats": stats,
             "adherence": shapes.score(detections, targets),
             "position_confusion": shapes.position_confusion(detections, targets),
             "psnr": psnr,
