@@ -69,6 +69,7 @@ from .family import (
     ENCODER,
     FORECASTING,
     FULL,
+    OUTPUT,
     BranchAwareHook,
     StepMode,
     add_hook,
@@ -166,6 +167,7 @@ class _Run:
     measuring: float = 0.0  # seconds spent measuring the cost model, not part of the loop's time
     planning: float = 0.0  # seconds spent choosing the plan (not per-step work: kept out of the step overhead)
     loop_locals: dict = field(default_factory=dict)  # the variables of the pipeline call that opened the loop
+    full_outputs: dict = field(default_factory=dict)  # guidance branch -> the latest full step's output, for output steps
 
     @property
     def key_steps(self) -> list[int]:
@@ -600,7 +602,7 @@ class FasterDiffusion:
         def seconds(level, group):
             return _seconds(lambda: self._call_model(original_forward, call, level, [t] * group), sample.device)
 
-        timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels}
+        timings = {("full", g): [] for g in TIMED_GROUPS} | {(lv, 1): [] for lv in levels if lv != OUTPUT}
         forecast = self._forecast_hook()
         with torch.no_grad():
             seconds(FULL, 1)  # warm-up, and the features the other levels replay
@@ -611,13 +613,18 @@ class FasterDiffusion:
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
-            flops = {level: count_flops(lambda lv=level: self._call_model(original_forward, call, lv, [t])) for level in [FULL, *levels]}
+            flops = {level: count_flops(lambda lv=level: self._call_model(original_forward, call, lv, [t]))
+                     for level in [FULL, *levels] if level != OUTPUT}
             curve = self._flop_curve(original_forward, call, flops)
+        if OUTPUT in levels:  # a step that calls no model
+            flops[OUTPUT] = 0.0
+            if curve:
+                curve[OUTPUT] = [0.0, 0.0, 0.0]
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
             forecast.set_history([])
         calls = self._mode.guidance.calls if self._guided() else (lambda level: 1)
-        least = {k: min(v) * calls(k[0]) for k, v in timings.items()}
+        least = {k: min(v) * calls(k[0]) for k, v in timings.items()} | {(OUTPUT, 1): 0.0}
         # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
             full={g: least[FULL, g] for g in TIMED_GROUPS},
@@ -737,10 +744,12 @@ class FasterDiffusion:
             _check_timestep(timestep, t, i)
             return _output(noise_pred, return_dict, run.output_class)
 
+        level = run.levels[i]
+        if level == OUTPUT:  # nothing computed: the segment's full step's output again
+            return _output(run.full_outputs[branch], return_dict, run.output_class)
         steps = run.groups.get(i, [i])
         if len(steps) > 1:
             _check_timestep(timestep, run.timesteps[i], i)
-        level = run.levels[i]
         output = self._call_model(original_forward, call, level, [run.timesteps[s] if len(steps) > 1 else call["timestep"] for s in steps])
         run.output_class, noise_pred = type(output), output.sample
         if not second:
@@ -751,6 +760,8 @@ class FasterDiffusion:
             else:  # the unconditional call of this step is answered without running the model
                 run.precomputed[(i, guidance.second)] = (run.timesteps[i], noise_pred - self._reused_guidance(level))
         chunks = noise_pred.split(self.family.latent(call).shape[0])
+        if level == FULL:
+            run.full_outputs[branch] = chunks[0]
         if run.reuses_guidance and level not in CONDITIONAL_ONLY:  # the group's latest step, whose features are kept
             self._keep_guidance_difference(i, level, len(steps), chunks[-1], second)
         for s, chunk in zip(steps[1:], chunks[1:]):

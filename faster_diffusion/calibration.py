@@ -55,6 +55,7 @@ from .family import (
     ENCODER,
     FORECASTING,
     FULL,
+    OUTPUT,
     SECOND_BRANCH,
     BranchAwareHook,
     DenoiserFamily,
@@ -805,10 +806,12 @@ def _fit_error_model(pipe, recorded: _StockRun, final, prompts, generators, num_
     hooks = family.add_hooks(model, mode, RECORDER_HOOK)
     hooks_changed(model)
     forecast = next((hook for _, hook in hooks if hook.forecasts), None)
-    kept = {}  # full step -> (the forecast site's kept features, the guidance difference)
+    kept = {}  # full step -> (the forecast site's kept features, the guidance difference, its outputs)
 
     def run(level, a, j):
         """The guided prediction of step j at ``level`` after full step a (j == a: the full step itself)."""
+        if level == OUTPUT and j > a:  # no model call: full step a's outputs again
+            return prediction(kept[a][2])
         conditional = j > a and level in CONDITIONAL_ONLY
         outputs = {}
         for branch, (call, _) in steps_calls[j].items():
@@ -823,7 +826,7 @@ def _fit_error_model(pipe, recorded: _StockRun, final, prompts, generators, num_
             outputs[branch] = model(**{**call, "return_dict": False})[0]
         if j == a and a not in kept:  # (every level's full step a computes the same)
             difference = guidance.difference_of(outputs) if guidance is not None else None
-            kept[a] = (forecast.snapshot() if forecast is not None else None, difference)
+            kept[a] = (forecast.snapshot() if forecast is not None else None, difference, outputs)
         if conditional:
             difference = kept[a][1]
             if level in FORECASTING:  # extrapolated like the features

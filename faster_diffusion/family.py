@@ -22,8 +22,12 @@ from diffusers.hooks.hooks import BaseState, StateManager
 #: family's (``unet_split.LEVELS``' comments for the UNet, ``transformer_split`` for transformers).
 FULL, ENCODER, SHALLOW, DEEP, DEEP_CFG = "full", "encoder", "shallow", "deep", "deep_cfg"
 DEEP_FORECAST, DEEP_CFG_FORECAST = "deep_forecast", "deep_cfg_forecast"
-LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
-LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "X": DEEP_FORECAST, "C": DEEP_CFG, "Y": DEEP_CFG_FORECAST}
+#: the model is not called: the step takes its segment's full step's output (every guidance branch) again; for an
+#: Euler sampler two steps become one longer step (TeaCache's and MagCache's skipped step, with nothing computed)
+OUTPUT = "output"
+LEVELS = (FULL, ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST, OUTPUT)
+LEVEL_LETTERS = {"F": FULL, "E": ENCODER, "S": SHALLOW, "D": DEEP, "X": DEEP_FORECAST, "C": DEEP_CFG, "Y": DEEP_CFG_FORECAST,
+                 "O": OUTPUT}
 #: Levels whose step reads the current latent only through the shallow path: they replay decoder modules.
 DECODER_REPLAYING = (SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 #: Levels that run the conditional rows (or the conditional call) of a guided step only.

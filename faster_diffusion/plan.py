@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .family import OUTPUT
 from .unet_split import (
     CONDITIONAL_ONLY,
     DEEP,
@@ -59,14 +60,14 @@ DEFAULT_PLAN_SNR_DB = 36.0
 FORECAST_MARGIN_DB = 4.5
 #: The longest segment the error model covers (a full step and up to MAX_RUN - 1 cheaper ones).
 MAX_RUN = 8
-CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)  # from most to least computed
+CHEAP_LEVELS = (ENCODER, SHALLOW, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST, OUTPUT)  # from most to least computed
 #: Levels after whose segment a forecasting level has two full steps to extrapolate from (a full step alone, or
 #: followed by steps that leave the forecast module's kept outputs alone); shallow and encoder steps recompute it.
-KEEPS_FORECAST_HISTORY = (FULL, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
+KEEPS_FORECAST_HISTORY = (FULL, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST, OUTPUT)
 ACCEPTED_PLANS = (
     "'auto', 'auto:T' with T a number > 1 (the most faithful plan predicted to be at least T times faster "
-    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D/X/C/Y letters "
-    "(full, encoder, shallow, deep, deep_forecast, deep_cfg, deep_cfg_forecast) or a list of level names, "
+    "than stock, in time on this device and in FLOPs), or one level a step: a string of F/E/S/D/X/C/Y/O letters "
+    "(full, encoder, shallow, deep, deep_forecast, deep_cfg, deep_cfg_forecast, output) or a list of level names, "
     "starting with a full step"
 )
 
@@ -382,7 +383,9 @@ class CostModel:
         pixels. A compute-bound device is predicted exactly; an idle one runs small calls faster than their FLOPs
         say, so a prediction from a larger shape is pessimistic and one from a smaller shape optimistic."""
         here = self.info["sample_shape"]
-        scale = {level: self.call_flops(level, sample_shape) / self.call_flops(level, here) for level in self.flop_curve}
+        # (a level that calls no model, output, has no FLOPs here or there)
+        scale = {level: self.call_flops(level, sample_shape) / self.call_flops(level, here) if self.call_flops(level, here) else 0.0
+                 for level in self.flop_curve}
         decoder = self.flops.get(ENCODER, 0.0)  # a full group's other decoders
 
         def group(g: int) -> float:

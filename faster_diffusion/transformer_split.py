@@ -20,6 +20,8 @@ Levels (letters as in ``plan``):
   K defaults to the paper's 18 of DiT-XL/2's 28 blocks, as a fraction of the stack (``encoder_depth``). The
   encoder does not read the current latent, so a full step's call can also run the decoders of the encoder
   steps after it, each with its own timestep (``parallel``).
+- ``output`` (O): the model is not called; the step takes its segment's full step's output again (the family's
+  blocks are not involved: the accelerator answers the call).
 - ``deep`` (D): residual reuse (Delta-DiT, FirstBlockCache): the first block and the last run on the current
   latent, the residual of the blocks between them is the latest full step's.
 - ``deep_cfg`` (C): ``deep`` on the conditional rows (or the conditional call) only; the unconditional output
@@ -57,6 +59,7 @@ from .family import (
     ENCODER,
     FORECASTING,
     FULL,
+    OUTPUT,
     DenoiserFamily,
     Guidance,
     StepMode,
@@ -74,7 +77,7 @@ CONDITIONAL_FIRST = (DiTTransformer2DModel,)
 TIMESTEP_IN_THOUSANDTHS = (FluxTransformer2DModel,)
 #: The paper's DiT-XL/2 split: the first 18 of its 28 blocks are the encoder.
 PAPER_ENCODER_FRACTION = 18 / 28
-TRANSFORMER_LEVELS = (FULL, ENCODER, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
+TRANSFORMER_LEVELS = (FULL, ENCODER, OUTPUT, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,7 @@ class TransformerFamily(DenoiserFamily):
         return hooks
 
     def supported_levels(self, model, guided=True):
-        levels = TRANSFORMER_LEVELS if len(transformer_blocks(model)) >= 3 else (FULL, ENCODER)
+        levels = TRANSFORMER_LEVELS if len(transformer_blocks(model)) >= 3 else (FULL, ENCODER, OUTPUT)
         return levels if guided else tuple(lv for lv in levels if lv not in CONDITIONAL_ONLY)
 
     def guidance(self, pipe, loop_locals):

@@ -37,6 +37,7 @@ from .family import (  # noqa: F401  (the level names and helpers, importable fr
     FULL,
     LEVEL_LETTERS,
     LEVELS,
+    OUTPUT,
     SHALLOW,
     DenoiserFamily,
     Guidance,
@@ -59,6 +60,9 @@ SUPPORTED_UNETS = (UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel)
 # These fold the frames of a (batch, channels, frames, height, width) sample into the batch.
 VIDEO_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
+
+#: (the transformers' output level, a step that calls no model, is not measured on UNets yet)
+UNET_LEVELS = tuple(level for level in LEVELS if level != OUTPUT)
 
 bind_unet_call = bind_call  # a UNet call's arguments by name, defaults filled in
 
@@ -210,7 +214,7 @@ def supported_levels(unet, guided: bool = True) -> tuple[str, ...]:
     """The levels ``unet`` can run; the conditional-only ones need a guided batch of [unconditional, conditional] rows."""
     if isinstance(unet, VIDEO_UNETS):
         return (FULL, ENCODER)
-    return LEVELS if guided else tuple(lv for lv in LEVELS if lv not in CONDITIONAL_ONLY)
+    return UNET_LEVELS if guided else tuple(lv for lv in UNET_LEVELS if lv not in CONDITIONAL_ONLY)
 
 
 def guides_on_two_halves(pipe) -> bool:

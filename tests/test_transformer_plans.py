@@ -43,7 +43,7 @@ def stock_image_flops(pipe, name) -> int:
 def test_calibration_fits_every_level_within_its_budget(calibrated):
     name, pipe, calibration, flops = calibrated
     model = calibration.error_model
-    assert set(model.error) == {"encoder", "deep", "deep_forecast", "deep_cfg", "deep_cfg_forecast"}
+    assert set(model.error) == {"encoder", "output", "deep", "deep_forecast", "deep_cfg", "deep_cfg_forecast"}
     # (within 10%: the replayed-prefix runs still encode their prompts, a large share of a tiny model's call)
     assert flops <= 1.1 * BUDGET * stock_image_flops(pipe, name)
     assert calibration.info["spent"] <= BUDGET
