@@ -136,11 +136,12 @@ PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:u
 # the planner's comparison first, so that a short device lease measures it before anything else
 step "peers (planner, DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" \
     --out "$RESULTS/peers" --plot "$RESULTS/peers.png"
-TRANSFORMER_METHODS=fbc:0.1,taylorseer:3,fd:paper,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFYYFYYFYYFYYFYYFYYFYYFYYFYY
+# (plan:FOFO...: half the steps call no model, what two-step Euler segments cost; steps:14 is the stock call at half the steps)
+TRANSFORMER_METHODS=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFYYFYYFYYFYYFYYFYYFYYFYYFYY
 for arch in "${TRANSFORMERS[@]}"; do
     # (FLUX.1-dev has a guidance embedding: no second call a step, so no C/Y levels to skip it; Y falls back there)
     methods=$TRANSFORMER_METHODS
-    [ "$arch" = "flux-dev" ] && methods=fbc:0.1,taylorseer:3,fd:paper,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFXXFXXFXXFXXFXXFXXFXXFXXFXX
+    [ "$arch" = "flux-dev" ] && methods=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFXXFXXFXXFXXFXXFXXFXXFXXFXX
     step "transformer peers ($arch)" "$T_TRANSFORMER" "$PY" bench/peers_transformers.py --model "$arch" "${TRANSFORMER_ARGS[@]}" \
         --methods "$methods" --out "$RESULTS/peers_$arch"
 done

@@ -15,6 +15,7 @@ Methods (``--methods``, a comma list; stock always runs, it is the reference):
   fastercache    diffusers FasterCacheConfig(spatial_attention_block_skip_range=2, is_guidance_distilled=True:
                  FluxPipeline guides by two calls, not a batch FasterCache could split), the pipeline's timestep
   pab:N          diffusers PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=N), the pipeline's timestep
+  steps:N        the stock pipeline at N steps (fewer steps: the accelerator that needs no library)
   fd:SPEC        faster_diffusion.enable(pipe, key_steps=SPEC): the paper's encoder propagation (DiT version)
   plan:SPEC      faster_diffusion.enable(pipe, plan=SPEC): explicit levels, or "auto"/"auto:T" where calibrated
 
@@ -26,6 +27,7 @@ loop, VAE decode). FLOPs: one more call per method under ``FlopCounterMode``. Qu
 image of the same seed and the shapes detector's colour / shape / position against the caption.
 
     python bench/peers_transformers.py --out bench/results/peers_transformers_cpu_tiny_shapes_flux
+    python bench/peers_transformers.py --plot RESULT.json FIGURE.png    # frontiers in time and in FLOPs of a run
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def mag_calibration(pipe, call) -> list[float]:
 def applied(method: str, pipe, mag_ratios):
     import faster_diffusion
 
-    if method == "stock":
+    if method == "stock" or method.startswith("steps:"):
         yield None
         return
     config = diffusers_config(method, pipe, mag_ratios)
@@ -207,8 +209,9 @@ def main() -> int:
     items = prompt_set(args.num_prompts, 1)
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    def call(prompt, seed):
-        return dict(prompt=prompt, num_inference_steps=args.steps, num_images_per_prompt=args.batch, output_type="np",
+    def call(prompt, seed, method="stock"):
+        steps = int(method.partition(":")[2]) if method.startswith("steps:") else args.steps
+        return dict(prompt=prompt, num_inference_steps=steps, num_images_per_prompt=args.batch, output_type="np",
                     generator=torch.Generator().manual_seed(seed), **fixed)
 
     mag_ratios = mag_calibration(pipe, call(*items[0])) if any(m.startswith("magcache") for m in methods) else None
@@ -218,7 +221,7 @@ def main() -> int:
     for m in methods:  # warm-up
         with applied(m, pipe, mag_ratios):
             for _ in range(args.warmup):
-                pipe(**call(*items[0]))
+                pipe(**call(*items[0], m))
     for r in range(args.repeats):
         for k, (prompt, seed) in enumerate(items):
             shift = (r * len(items) + k) % len(methods)
@@ -226,7 +229,7 @@ def main() -> int:
                 with applied(m, pipe, mag_ratios) as accel:
                     synchronize()
                     begin = time.perf_counter()
-                    out = pipe(**call(prompt, seed)).images
+                    out = pipe(**call(prompt, seed, m)).images
                     synchronize()
                     seconds[m].append((time.perf_counter() - begin) / args.batch)
                     if accel is not None and accel.stats:
@@ -238,7 +241,7 @@ def main() -> int:
     if args.flops:
         for m in methods:
             with applied(m, pipe, mag_ratios), FlopCounterMode(display=False) as counter:
-                pipe(**call(*items[0]))
+                pipe(**call(*items[0], m))
             flops[m] = counter.get_total_flops() / args.batch
     rows = []
     stock_s = statistics.median(seconds["stock"])
@@ -283,5 +286,50 @@ def main() -> int:
     return 0
 
 
+#: plot legend and colour of each method family (by the method's prefix)
+FAMILIES = {"plan": ("faster-diffusion plan:auto / auto:T", "tab:green"), "fbc": ("FirstBlockCache", "tab:blue"),
+            "taylorseer": ("TaylorSeerCache", "tab:purple"), "magcache": ("MagCache", "tab:brown"),
+            "steps": ("stock, fewer steps", "tab:grey"), "fastercache": ("FasterCache", "tab:pink"),
+            "pab": ("PyramidAttentionBroadcast", "tab:olive"), "fd": ("encoder propagation, paper schedule", "tab:orange")}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Speed-up in time (left) and in FLOPs (right) against PSNR to stock, one line per method family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    families = {}
+    for row in result["rows"]:
+        if row["psnr"] is not None and row["method"].split(":")[0] in FAMILIES:
+            families.setdefault(row["method"].split(":")[0], []).append(row)
+    for ax, key, label in zip(axes, ("speedup", "flop_speedup"), ("speed-up in time (median s/image)", "speed-up in FLOPs (whole call)")):
+        for family, rows in families.items():
+            rows = sorted((r for r in rows if r.get(key)), key=lambda r: r[key])
+            name, colour = FAMILIES[family]
+            ax.plot([r[key] for r in rows], [r["psnr"] for r in rows], marker="o", color=colour, label=name,
+                    linestyle="-" if len(rows) > 1 else "none")
+            for r in rows:
+                ax.annotate(r["method"].partition(":")[2] or r["method"], (r[key], r["psnr"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        ax.axhline(40, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR to stock images (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    call = result["call"]
+    fig.suptitle(f"{Path(result['model']).name}, {call['num_inference_steps']} steps, batch {call['batch']}, "
+                 f"{result['prompts']} captions, {result['environment'].get('date_utc')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--plot"]:  # --plot RESULT.json FIGURE.png: the frontiers of a run's results
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+        sys.exit(0)
     sys.exit(main())

@@ -112,6 +112,26 @@ def test_cfg_reuse_estimates_the_unconditional_branch(case):
     faster_diffusion.disable(pipe)
 
 
+def test_output_steps_call_no_model_and_take_the_full_steps_output(case):
+    """An O step runs no block of the transformer; the sampler gets the output of its segment's full step again."""
+    name, pipe, kwargs = case
+    calls, predictions = [], []
+    handle = transformer_blocks(pipe.transformer)[-1].register_forward_hook(lambda *_: calls.append(1))
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda model_output, *args, **kw: (predictions.append(model_output.clone()), step(model_output, *args, **kw))[1]
+    try:
+        accel = faster_diffusion.enable(pipe, plan="FOOFOD")
+        run(pipe, kwargs)
+    finally:
+        handle.remove()
+        del pipe.scheduler.step
+    per_step = 2 if name == "flux" else 1
+    assert len(calls) == 3 * per_step and accel.stats["levels"] == {"full": 2, "output": 3, "deep": 1}
+    assert torch.equal(predictions[1], predictions[0]) and torch.equal(predictions[2], predictions[0])
+    assert torch.equal(predictions[4], predictions[3]) and not torch.equal(predictions[5], predictions[3])
+    faster_diffusion.disable(pipe)
+
+
 def test_forecasts_extrapolate_from_two_lone_full_steps(case):
     """X and Y extrapolate the residual (and Y the guidance difference) from the latest two full steps; with one
     full step since an encoder step they replay like D and C."""
@@ -180,7 +200,7 @@ def test_encoder_depth(case):
 def test_bad_plans_name_the_field(case):
     name, pipe, kwargs = case
     bad = [
-        (dict(plan="FEQ"), "plan", "F/E/S/D/X/C/Y"),
+        (dict(plan="FEQ"), "plan", "F/E/S/D/X/C/Y/O"),
         (dict(plan="auto:0.5"), "plan", "auto:T"),
         (dict(key_steps=[0, 3, 2]), "key_steps", "strictly increasing"),
     ]
@@ -188,7 +208,7 @@ def test_bad_plans_name_the_field(case):
         with pytest.raises(ValueError, match=field) as error:
             faster_diffusion.enable(pipe, **options)
         assert accepted in str(error.value)
-    for plan, field, accepted in [("FEE", "plan", "the run has 6 steps"), ("FSSFSS", "plan", "supports ['full', 'encoder', 'deep', 'deep_forecast', 'deep_cfg', 'deep_cfg_forecast']")]:
+    for plan, field, accepted in [("FEE", "plan", "the run has 6 steps"), ("FSSFSS", "plan", "supports ['full', 'encoder', 'output', 'deep', 'deep_forecast', 'deep_cfg', 'deep_cfg_forecast']")]:
         faster_diffusion.enable(pipe, plan=plan)
         with pytest.raises(ValueError, match=field) as error:
             run(pipe, kwargs)
