@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import flops  # noqa: E402
 
-from faster_diffusion.unet_split import LEVELS  # noqa: E402
+from faster_diffusion.unet_split import UNET_LEVELS as LEVELS  # noqa: E402  (the UNet's levels)
 
 TINY_SHAPES = common.ROOT / "weights" / "tiny-shapes" / "unet" / "config.json"
 DEFAULT_MODELS = "sd15,sdxl,tiny-shapes"
