@@ -56,6 +56,30 @@ def test_calibration_fits_every_level_within_its_budget(calibrated):
     assert calibration.timesteps == [float(t) for t in pipe.scheduler.timesteps]
 
 
+@pytest.mark.parametrize("letter, level", [("E", "encoder"), ("D", "deep"), ("C", "deep_cfg"), ("O", "output")])
+def test_the_fitted_error_of_a_step_is_what_the_pipeline_samples(calibrated, letter, level):
+    """The error model's teacher-forced error of step 1 after full step 0 equals the one a pipeline run of that plan
+    hands its sampler (the guided prediction's mean squared distance to stock's), whatever the guidance layout."""
+    name, pipe, calibration, _ = calibrated
+    predictions = {}
+    step = pipe.scheduler.step
+
+    def recorded(plan):
+        kept = predictions[plan] = []
+        pipe.scheduler.step = lambda output, *args, **kw: (kept.append(output.float().clone()), step(output, *args, **kw))[1]
+        try:
+            faster_diffusion.enable(pipe, plan=plan) if plan != "stock" else faster_diffusion.disable(pipe)
+            run(pipe, name, prompt=calibration.info["prompts"][0])
+        finally:
+            del pipe.scheduler.step
+            faster_diffusion.disable(pipe)
+        return kept
+
+    stock, planned = recorded("stock"), recorded("F" + letter + "F" * (STEPS - 2))
+    measured = float((planned[1] - stock[1]).pow(2).mean())
+    assert calibration.error_model.error[level][0][0] == pytest.approx(measured, rel=1e-3)
+
+
 def test_auto_runs_the_plan_it_picks_from_the_calibration(calibrated):
     name, pipe, calibration, _ = calibrated
     accel = faster_diffusion.enable(pipe, plan="auto", calibration=calibration)
