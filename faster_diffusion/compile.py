@@ -1,4 +1,4 @@
-"""torch.compile for an accelerated UNet: compile the blocks, keep the plan's dispatch in Python.
+"""torch.compile for an accelerated UNet or transformer: compile the blocks, keep the plan's dispatch in Python.
 
     import faster_diffusion
     faster_diffusion.enable(pipe, plan="FDDFDD...")   # before or after compile_blocks, either order
@@ -12,7 +12,9 @@ breaks its graph at every decision and recompiles for every level. ``compile_blo
 the hooks instead. Its *regions* are the largest modules of the UNet that contain no module a level of
 reuse replays: every down block, the mid block, the up blocks but the last, the last up block's
 resnets and attentions one by one (and its upsampler, if any), ``conv_in``, the time embedding and the output head's
-norm and convolution (modules without parameters stay eager). A replayed module is a region too; its
+norm and convolution (modules without parameters stay eager). On a transformer (``transformer_split``) every
+block is hooked, so the regions are the blocks themselves, one by one, and the embeddings and output head
+around them: diffusers' regional compilation, below the hooks. A replayed module is a region too; its
 compiled forward is the ``forward`` the replay hook calls when that module runs. So a region is the
 same code whatever the level of the step, and the hooks, the UNet's own forward and the sampling loop
 stay eager.
@@ -37,7 +39,7 @@ import contextlib
 
 import torch
 
-from .unet_split import SUPPORTED_UNETS, replayed_modules
+from .family import family_of
 
 #: the attribute that marks a compiled region: it holds what ``module.__dict__["forward"]`` was before
 COMPILED = "_faster_diffusion_compiled"
@@ -55,11 +57,11 @@ def compile_blocks(pipe_or_unet, **compile_kwargs) -> list[str]:
     Works before or after ``faster_diffusion.enable``; compiling again replaces the earlier compile.
     The first run of each batch size and plan compiles; time it after a warm-up run.
     """
-    unet = _unet(pipe_or_unet)
+    family, unet = _denoiser(pipe_or_unet)
     options = {"fullgraph": True, **compile_kwargs}
     with _hooks_lifted(unet):
         _uncompile(unet)
-        regions = compile_regions(unet)
+        regions = compile_regions(unet, family)
         for name, module in regions:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and registry.hooks:
@@ -75,18 +77,18 @@ def compile_blocks(pipe_or_unet, **compile_kwargs) -> list[str]:
 
 def uncompile(pipe_or_unet) -> None:
     """Puts back the eager forward of every region ``compile_blocks`` compiled; a no-op if none."""
-    unet = _unet(pipe_or_unet)
+    _, unet = _denoiser(pipe_or_unet)
     if not any(hasattr(module, COMPILED) for module in unet.modules()):
         return
     with _hooks_lifted(unet):
         _uncompile(unet)
 
 
-def compile_regions(unet) -> list[tuple[str, torch.nn.Module]]:
-    """The modules ``compile_blocks`` compiles, by name, in the UNet's order: every module with
-    parameters whose descendants include no module a level of reuse replays, and that lies in no
+def compile_regions(unet, family=None) -> list[tuple[str, torch.nn.Module]]:
+    """The modules ``compile_blocks`` compiles, by name, in the model's order: every module with
+    parameters whose descendants include no module the family's hooks sit on, and that lies in no
     other region."""
-    replayed = set(replayed_modules(unet))
+    replayed = set((family or family_of(unet)[0]).hooked_modules(unet))
     regions = []
 
     def visit(prefix: str, module: torch.nn.Module) -> None:
@@ -129,9 +131,9 @@ def _hooks_lifted(unet):
         accel.enable()
 
 
-def _unet(pipe_or_unet):
-    unet = pipe_or_unet if isinstance(pipe_or_unet, SUPPORTED_UNETS) else getattr(pipe_or_unet, "unet", None)
-    if not isinstance(unet, SUPPORTED_UNETS):
-        names = ", ".join(cls.__name__ for cls in SUPPORTED_UNETS)
-        raise TypeError(f"faster_diffusion.compile_blocks needs a pipeline whose `unet` is one of {names}, or the UNet itself; got {type(unet).__name__}")
-    return unet
+def _denoiser(pipe_or_unet):
+    found = family_of(pipe_or_unet)
+    if found is None:
+        raise TypeError("faster_diffusion.compile_blocks needs a pipeline whose `unet` or `transformer` faster_diffusion "
+                        f"supports, or the model itself; got {type(pipe_or_unet).__name__}")
+    return found

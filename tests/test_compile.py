@@ -137,3 +137,37 @@ def test_inductor_matches_eager_after_warmup():
     assert dynamo_activity() == NOTHING
     for plan in eager:
         assert (compiled[plan] - eager[plan]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_transformer_blocks_compile_under_the_hooks(name):
+    """On a transformer every block is a region: plans of every level run compiled without graph breaks, and
+    without recompiles after a warm-up, as eager does (Flux: a call per guidance branch, and O steps)."""
+    from tiny_transformers import PIPELINES
+
+    from faster_diffusion.transformer_split import transformer_blocks
+
+    build, kwargs = PIPELINES[name]
+    pipe = build()
+    plans = ("FEEFDDFXYC", "FOOFCCFYOO")
+
+    def run_plan(plan):
+        faster_diffusion.enable(pipe, plan=plan)
+        return pipe(**kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
+
+    eager = {plan: run_plan(plan) for plan in plans}
+    faster_diffusion.compile_blocks(pipe, backend="eager")
+    regions = dict(compile_regions(pipe.transformer))
+    assert all(block in regions.values() for block in transformer_blocks(pipe.transformer))
+    warm = {plan: run_plan(plan) for plan in plans}  # warm-up: compiles
+    assert dynamo_activity()["graphs"] > 0 and dynamo_activity()["graph_breaks"] == 0
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = {plan: run_plan(plan) for plan in plans[::-1]}
+    assert dynamo_activity() == NOTHING
+    for plan in plans:
+        assert torch.allclose(warm[plan], eager[plan], atol=1e-5, rtol=0)
+        assert torch.equal(again[plan], warm[plan])
+    faster_diffusion.uncompile(pipe)
+    faster_diffusion.disable(pipe)
+    assert not any(hasattr(module, COMPILED) or "forward" in module.__dict__ for module in pipe.transformer.modules())
