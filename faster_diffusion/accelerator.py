@@ -194,6 +194,10 @@ class FasterDiffusion:
             raise TypeError(f"faster_diffusion.enable needs a pipeline whose `unet` or `transformer` is one of {names}, or the model itself; got {where}")
         self.family, self.unet = found  # `unet`: the denoiser, a UNet or a transformer (the name kept for callers)
         self.pipe = None if pipe_or_unet is self.unet else pipe_or_unet
+        if isinstance(self.family, TransformerFamily) and getattr(self.pipe, "transformer_2", None) is not None:
+            # Wan 2.2's low-noise expert: its steps would run unaccelerated and out of the run's count
+            raise TypeError(f"faster_diffusion.enable: {type(self.pipe).__name__} with a second transformer (transformer_2, "
+                            "Wan 2.2's experts) is not supported yet")
         if isinstance(self.family, TransformerFamily) and getattr(self.pipe, "controlnet", None) is not None:
             # its residuals enter between the blocks the levels replay
             raise TypeError(f"faster_diffusion.enable: {type(self.pipe).__name__} (a ControlNet on a transformer) is not supported yet")

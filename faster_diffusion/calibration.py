@@ -526,7 +526,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
     started = time.perf_counter()
     call_kwargs = {"output_type": "latent", **call_kwargs}
     try:
-        final = pipe(prompts, num_inference_steps=num_inference_steps, generator=generators(1), **call_kwargs).images
+        final = _sampled(pipe(prompts, num_inference_steps=num_inference_steps, generator=generators(1), **call_kwargs))
         recorder.detach()
         recorder.timesteps = _loop_timesteps(recorder.timesteps, pipe.scheduler.timesteps)
         fit_budget = None if compute_budget is None else FIT_SHARE * (compute_budget - len(prompts))
@@ -551,6 +551,11 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
         calibration.info["spent"] = round(spent, 2)
     logger.info("faster_diffusion: calibrated %s in %.1fs", calibration.describe(), time.perf_counter() - started)
     return calibration
+
+
+def _sampled(result) -> torch.Tensor:
+    """What a pipeline call returned: its images (its latents, with ``output_type="latent"``), or a video pipeline's frames."""
+    return result.images if hasattr(result, "images") else result.frames
 
 
 def _loop_timesteps(recorded, scheduled) -> list[float]:
@@ -927,7 +932,7 @@ def _fit_error_model(pipe, recorded: _StockRun, final, prompts, generators, num_
         scheduler.step = perturbed_step
         add_hook(model, _ReplayedPrefix(recorded, len(targets), calls_a_step * min(targets)), RECORDER_HOOK)
         try:
-            latents = pipe(prompts * len(targets), num_inference_steps=num_steps, generator=generators(len(targets)), **call_kwargs).images
+            latents = _sampled(pipe(prompts * len(targets), num_inference_steps=num_steps, generator=generators(len(targets)), **call_kwargs))
         finally:
             del scheduler.step
             remove_hook(model, RECORDER_HOOK)
@@ -1194,7 +1199,7 @@ def _final_latents(pipe, num_steps: int, prompts, seeds, call_kwargs, calibratio
         else:
             enable(pipe, key_steps=schedule, parallel=True, noise_injection=0.0)
         try:
-            latents = pipe(prompts, num_inference_steps=num_steps, generator=_generators(seeds), **call_kwargs).images
+            latents = _sampled(pipe(prompts, num_inference_steps=num_steps, generator=_generators(seeds), **call_kwargs))
             return (latents, accel) if keep else latents
         finally:
             disable(pipe)

@@ -68,6 +68,7 @@ class Guidance:
     cond_first: bool = False
     second: str = SECOND_BRANCH
     scale: float = 1.0  # the guidance scale (Flux's true_cfg_scale)
+    renormalised: bool = False  # the guided prediction rescaled to the conditional one's norm (Qwen-Image)
 
     def cond_half(self, obj, rows: int):
         """The conditional rows of every tensor whose batch is ``rows`` (the halves layout)."""
@@ -98,7 +99,10 @@ class Guidance:
     def combine(self, outputs: dict) -> torch.Tensor:
         """The guided prediction of a step from its outputs (in float32): uncond + scale (cond - uncond)."""
         cond, uncond = (x.float() for x in self._pair(outputs))
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.renormalised:  # QwenImagePipeline's: each token's prediction keeps the conditional one's norm
+            guided = guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+        return guided
 
     def difference_of(self, outputs: dict) -> torch.Tensor:
         """Conditional less unconditional output of a step that ran both."""

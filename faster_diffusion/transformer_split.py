@@ -45,7 +45,9 @@ from diffusers import (
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
+    WanTransformer3DModel,
 )
 from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockRegistry
@@ -70,11 +72,17 @@ from .family import (
     repeat_batch,
 )
 
-SUPPORTED_TRANSFORMERS = (DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
+SUPPORTED_TRANSFORMERS = (DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel,
+                          QwenImageTransformer2DModel, WanTransformer3DModel)
 #: Models whose guided batch is [conditional, unconditional] rows (DiTPipeline: class labels, then the null class).
 CONDITIONAL_FIRST = (DiTTransformer2DModel,)
-#: Models that take the timestep in thousandths of the scheduler's (FluxPipeline passes t / 1000).
-TIMESTEP_IN_THOUSANDTHS = (FluxTransformer2DModel,)
+#: Models that take the timestep in thousandths of the scheduler's (FluxPipeline and QwenImagePipeline pass t / 1000).
+TIMESTEP_IN_THOUSANDTHS = (FluxTransformer2DModel, QwenImageTransformer2DModel)
+#: Models whose pipelines guide by a call per branch at ``guidance_scale`` (WanPipeline); Flux and Qwen-Image say so
+#: in their loop's ``do_true_cfg``.
+GUIDED_BY_CALLS = (WanTransformer3DModel,)
+#: Models whose pipelines rescale the guided prediction to the conditional one's norm (QwenImagePipeline).
+RENORMALISED_GUIDANCE = (QwenImageTransformer2DModel,)
 #: The paper's DiT-XL/2 split: the first 18 of its 28 blocks are the encoder.
 PAPER_ENCODER_FRACTION = 18 / 28
 TRANSFORMER_LEVELS = (FULL, ENCODER, OUTPUT, DEEP, DEEP_FORECAST, DEEP_CFG, DEEP_CFG_FORECAST)
@@ -108,8 +116,9 @@ def sites(num_blocks: int, encoder_depth: int | None = None) -> list[Site]:
 
 
 def transformer_blocks(model) -> list[torch.nn.Module]:
-    """The block stack in call order."""
-    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+    """The block stack in call order (Wan's is ``blocks``)."""
+    stack = model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks
+    return [*stack, *getattr(model, "single_transformer_blocks", ())]
 
 
 class SpanState:
@@ -279,10 +288,14 @@ class TransformerFamily(DenoiserFamily):
         return 1000.0 if isinstance(model, TIMESTEP_IN_THOUSANDTHS) else 1.0
 
     def latent_size(self, call):
-        ids = call.get("img_ids")
-        if ids is None or self.latent(call).ndim != 3:
+        if self.latent(call).ndim != 3:
             return tuple(self.latent(call).shape[2:])
-        # Flux's packed (batch, tokens, 64) latents: the token grid is in img_ids, each token 2x2 latent pixels
+        # packed (batch, tokens, channels) latents, each token 2x2 latent pixels: the token grid is in Flux's
+        # img_ids, and in Qwen-Image's img_shapes, [[(frames, rows, columns)], ...] a row
+        if call.get("img_shapes") is not None:
+            _, rows, columns = call["img_shapes"][0][0]
+            return (2 * rows, 2 * columns)
+        ids = call["img_ids"]
         return tuple(2 * (int(ids[..., axis].max()) + 1) for axis in (1, 2))
 
     def runs_stock(self, call):
@@ -309,14 +322,19 @@ class TransformerFamily(DenoiserFamily):
     def guidance(self, pipe, loop_locals):
         """From the loop's own variables where the pipeline keeps them there: Flux's ``do_true_cfg`` (a call per
         branch), ``do_classifier_free_guidance`` (SD3's property, PixArt's local), DiT's ``guidance_scale``."""
+        model = self.find(pipe)
         if "do_true_cfg" in loop_locals:
-            return Guidance("calls", scale=float(loop_locals["true_cfg_scale"])) if loop_locals["do_true_cfg"] else None
+            renormalised = isinstance(model, RENORMALISED_GUIDANCE)
+            return Guidance("calls", scale=float(loop_locals["true_cfg_scale"]), renormalised=renormalised) if loop_locals["do_true_cfg"] else None
         guided = getattr(pipe, "do_classifier_free_guidance", loop_locals.get("do_classifier_free_guidance"))
         scale = loop_locals.get("guidance_scale", getattr(pipe, "guidance_scale", 1.0))
         if guided is None and "guidance_scale" in loop_locals:
             guided = scale > 1
-        model = self.find(pipe)
-        return Guidance("halves", cond_first=isinstance(model, CONDITIONAL_FIRST), scale=float(scale)) if guided else None
+        if not guided:
+            return None
+        if isinstance(model, GUIDED_BY_CALLS):
+            return Guidance("calls", scale=float(scale))
+        return Guidance("halves", cond_first=isinstance(model, CONDITIONAL_FIRST), scale=float(scale))
 
     def feature_modules(self, model):
         """The encoder's last block: its output is what encoder propagation replays."""
@@ -330,9 +348,15 @@ class TransformerFamily(DenoiserFamily):
 
     def resized(self, model, call, k):
         latent = self.latent(call)
-        if latent.ndim == 4:  # (batch, channels, height, width), patchified inside
-            step = k * model.config.patch_size
-            return {**call, self.latent_name: latent.new_zeros(*latent.shape[:2], latent.shape[2] + step, latent.shape[3] + step)}
+        if latent.ndim in (4, 5):  # (batch, channels, [frames,] height, width), patchified inside
+            patch = model.config.patch_size
+            step = k * (patch[-1] if isinstance(patch, (tuple, list)) else patch)
+            return {**call, self.latent_name: latent.new_zeros(*latent.shape[:-2], latent.shape[-2] + step, latent.shape[-1] + step)}
+        if call.get("img_shapes") is not None:  # Qwen-Image: k tokens wider and taller
+            frames, rows, columns = call["img_shapes"][0][0]
+            rows, columns = rows + k, columns + k
+            shapes = [[(frames, rows, columns)]] * latent.shape[0]
+            return {**call, self.latent_name: latent.new_zeros(latent.shape[0], rows * columns, latent.shape[2]), "img_shapes": shapes}
         ids = call.get("img_ids")
         if ids is None or ids.ndim != 2:
             return None

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_transformers import PIPELINES
+from tiny_transformers import CALLS_PER_BRANCH, PIPELINES, UNGUIDED
 
 import faster_diffusion
 from faster_diffusion.transformer_split import sites, transformer_blocks
@@ -79,7 +79,7 @@ def test_stats_agree_with_block_calls(case, parallel):
         for handle in handles:
             handle.remove()
     assert accel.stats["levels"] == {"full": 2, "encoder": 2, "deep": 1, "deep_cfg": 1}
-    branches = 2 if name == "flux" else 1  # true CFG: a transformer call per branch; a deep_cfg step skips the second
+    branches = 2 if name in CALLS_PER_BRANCH else 1  # true CFG: a transformer call per branch; a deep_cfg step skips the second
     calls = ["full", "encoder", "encoder", "deep", "deep_cfg", "full"]
     if parallel:
         calls = ["full", "deep", "deep_cfg", "full"]  # the encoder steps' decoders run in step 0's call
@@ -102,7 +102,7 @@ def test_cfg_reuse_estimates_the_unconditional_branch(case):
         faster_diffusion.enable(pipe, plan=plan)
         run(pipe, kwargs)
         handle.remove()
-    if name == "flux":  # [step 0 cond, step 0 uncond, step 1 cond, step 1 uncond, ...]
+    if name in CALLS_PER_BRANCH:  # [step 0 cond, step 0 uncond, step 1 cond, step 1 uncond, ...]
         (cond0, uncond0, deep_cond, _), (_, _, cond, uncond) = outputs["FDFFFF"][:4], outputs["FCFFFF"][:4]
     else:
         halves = lambda out: out.chunk(2) if name == "dit" else out.chunk(2)[::-1]  # noqa: E731  (conditional first)
@@ -125,7 +125,7 @@ def test_output_steps_call_no_model_and_take_the_full_steps_output(case):
     finally:
         handle.remove()
         del pipe.scheduler.step
-    per_step = 2 if name == "flux" else 1
+    per_step = 2 if name in CALLS_PER_BRANCH else 1
     assert len(calls) == 3 * per_step and accel.stats["levels"] == {"full": 2, "output": 3, "deep": 1}
     assert torch.equal(predictions[1], predictions[0]) and torch.equal(predictions[2], predictions[0])
     assert torch.equal(predictions[4], predictions[3]) and not torch.equal(predictions[5], predictions[3])
@@ -213,7 +213,7 @@ def test_bad_plans_name_the_field(case):
         with pytest.raises(ValueError, match=field) as error:
             run(pipe, kwargs)
         assert accepted in str(error.value)
-    unguided = dict(negative_prompt=None) if name == "flux" else dict(guidance_scale=1.0)
+    unguided = UNGUIDED.get(name, dict(guidance_scale=1.0))
     faster_diffusion.enable(pipe, plan="FCCFCC")
     with pytest.raises(ValueError, match="plan: levels \\['deep_cfg'\\]"):
         run(pipe, kwargs, **unguided)
@@ -223,7 +223,7 @@ def test_bad_plans_name_the_field(case):
 def test_unguided_runs(case):
     """Without guidance the other levels run, one call a step (Flux without a negative prompt, guidance_scale=1)."""
     name, pipe, kwargs = case
-    unguided = dict(negative_prompt=None) if name == "flux" else dict(guidance_scale=1.0)
+    unguided = UNGUIDED.get(name, dict(guidance_scale=1.0))
     stock = run(pipe, kwargs, **unguided)
     accel = faster_diffusion.enable(pipe, plan="FEDFED")
     assert relative(run(pipe, kwargs, **unguided), stock) > 1e-4
