@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """FLOPs of one transformer call at each level of reuse, relative to a full call, and of encoder propagation
 over a whole run: DiT-XL/2 256² (250 steps, against the paper's 34%), PixArt-Sigma 1024², SD3.5-medium 1024²
-(28 steps) and FLUX.1-dev 1024² (28 steps).
+(28 steps), FLUX.1-dev 1024² (28 steps), Qwen-Image 1328² (50 steps) and Wan2.1-T2V-14B 832x480, 81 frames (50 steps).
 
 The levels are ``faster_diffusion.transformer_split``'s: ``encoder`` replays the first K blocks (the paper's
 18 of 28, as a share of the stack), ``deep`` replays every block but the first and the last (residual reuse),
@@ -13,9 +13,10 @@ activations and softmax are not counted). A level's FLOPs are the full call's le
 replays (``transformer_split.sites``); adding a replayed residual is elementwise, not counted. ``--check``
 counts a toy DiT's calls through the accelerator itself and compares.
 
-Calls have 2 rows (an image with classifier-free guidance), FLUX.1-dev 1 (guidance-distilled: one call a step;
-its ``deep_cfg`` is then half a step of true CFG's two calls). Text lengths are the pipelines' defaults:
-PixArt-Sigma 300 T5 tokens, SD3 77 CLIP + 256 T5, FLUX.1-dev 512 T5.
+Calls have 2 rows (an image with classifier-free guidance), FLUX.1-dev, Qwen-Image and Wan 1 (guidance-distilled,
+or a call per guidance branch; ``deep_cfg`` is then half a step of two calls). ``output`` calls no model (0).
+Text lengths are the pipelines' defaults: PixArt-Sigma 300 T5 tokens, SD3 77 CLIP + 256 T5, FLUX.1-dev 512 T5,
+Wan 512 UMT5; Qwen-Image's prompt is counted at 64 tokens (its length is the prompt's).
 
     python bench/flops_transformers.py            # -> bench/results/flops_transformers.json
     python bench/flops_transformers.py --check    # the toy DiT through the accelerator, then the table
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from faster_diffusion.family import CONDITIONAL_ONLY  # noqa: E402
+from faster_diffusion.family import CONDITIONAL_ONLY, OUTPUT  # noqa: E402
 from faster_diffusion.schedules import key_step_indices  # noqa: E402
-from faster_diffusion.transformer_split import TRANSFORMER_LEVELS, sites  # noqa: E402
+from faster_diffusion.transformer_split import TRANSFORMER_LEVELS, sites, transformer_blocks  # noqa: E402
 
 #: The key steps of the paper's DiT code for 250 steps (sen-mao/FasterDiffusion-DiT, sample_fasterdiffusion.py;
 #: its list ends with 250, the end of the last group): 166 full steps, 84 encoder-propagated, and 166 model calls.
@@ -56,6 +57,8 @@ MODELS = {
     "pixart-sigma": ("pixart_sigma_1024_transformer.json", 1024, 20, 2, 300),
     "sd3.5-medium": ("sd35_medium_transformer.json", 1024, 28, 2, 77 + 256),
     "flux.1-dev": ("flux1_dev_transformer.json", 1024, 28, 1, 512),
+    "qwen-image": ("qwen_image_transformer.json", 1328, 50, 1, 64),
+    "wan2.1-t2v-14b": ("wan21_t2v_14b_transformer.json", (480, 832, 81), 50, 1, 512),
 }
 
 
@@ -73,9 +76,18 @@ def inputs(model, rows: int, resolution: int, text: int, device: str) -> dict:
     import torch
 
     c = model.config
-    latent = resolution // 8
     zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     name = type(model).__name__
+    if name == "WanTransformer3DModel":  # (height, width, frames): 8x spatial, 4x temporal VAE
+        height, width, frames = resolution
+        return dict(hidden_states=zeros(rows, c.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8), timestep=zeros(rows),
+                    encoder_hidden_states=zeros(rows, text, c.text_dim))
+    latent = resolution // 8
+    if name == "QwenImageTransformer2DModel":  # packed 2x2 latent patches, their grid in img_shapes
+        side = latent // 2
+        return dict(hidden_states=zeros(rows, side * side, c.in_channels), encoder_hidden_states=zeros(rows, text, c.joint_attention_dim),
+                    encoder_hidden_states_mask=torch.ones(rows, text, dtype=torch.long, device=device), timestep=zeros(rows),
+                    img_shapes=[[(1, side, side)]] * rows)
     if name == "FluxTransformer2DModel":  # packed 2x2 latent patches of 16 channels
         tokens = (latent // 2) ** 2
         call = dict(hidden_states=zeros(rows, tokens, c.in_channels), encoder_hidden_states=zeros(rows, text, c.joint_attention_dim),
@@ -103,20 +115,30 @@ def block_flops(model, call: dict) -> tuple[float, list[float]]:
         model(**call)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     prefix = type(model).__name__
-    names = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
-    names += [f"single_transformer_blocks.{i}" for i in range(len(getattr(model, "single_transformer_blocks", ())))]
-    return float(counter.get_total_flops()), [float(counts.get(f"{prefix}.{n}", 0)) for n in names]
+    names = {module: name for name, module in model.named_modules()}
+    return float(counter.get_total_flops()), [float(counts.get(f"{prefix}.{names[block]}", 0)) for block in transformer_blocks(model)]
 
 
 def level_fractions(full: float, blocks: list[float]) -> dict[str, float]:
     """Each level's FLOPs over a full call's: the full call less the blocks the level replays."""
     fractions = {}
     for level in TRANSFORMER_LEVELS:
+        if level == OUTPUT:  # no model call
+            fractions[level] = 0.0
+            continue
         replayed = {i for s in sites(len(blocks)) if level in s.replayed_at for i in range(s.start, s.stop)}
         fractions[level] = (full - sum(blocks[i] for i in replayed)) / full
         if level in CONDITIONAL_ONLY:  # the conditional half of the rows (or one of true CFG's two calls)
             fractions[level] /= 2
     return fractions
+
+
+def size_label(resolution) -> str:
+    """1024² for an image size; 832x480, 81 frames for a video's (height, width, frames)."""
+    if isinstance(resolution, (tuple, list)):
+        height, width, frames = resolution
+        return f"{width}x{height}, {frames} frames"
+    return f"{resolution}²"
 
 
 def run_fraction(keys: list[int], steps: int, encoder: float) -> float:
@@ -143,7 +165,7 @@ def count_model(name: str) -> dict:
            "blocks_share_of_call": sum(blocks) / full, "fraction_of_full": fractions, "encoder_propagation": runs,
            "count_seconds": round(time.time() - t0, 1)}
     described = ", ".join(f"{label} ({r['full_steps']} full steps): {r['fraction_of_stock']:.3f} of stock" for label, r in runs.items())
-    print(f"[{name} {resolution}², {len(blocks)} blocks, encoder {encoder_depth}] full {full / 1e9:,.1f} GFLOPs a call ({rows} rows); "
+    print(f"[{name} {size_label(resolution)}, {len(blocks)} blocks, encoder {encoder_depth}] full {full / 1e9:,.1f} GFLOPs a call ({rows} rows); "
           + ", ".join(f"{lv} {f:.3f}" for lv, f in fractions.items() if lv != "full") + f"; {steps} steps, {described}", flush=True)
     return row
 
@@ -185,7 +207,7 @@ def table(rows: list[dict]) -> str:
         fr = r["fraction_of_full"]
         runs = "; ".join(f"{label} ({x['full_steps']}/{r['steps']} full): {x['fraction_of_stock']:.3f} (-{100 * (1 - x['fraction_of_stock']):.1f}%)"
                          for label, x in r["encoder_propagation"].items())
-        out.append([r["model"], f"{r['resolution']}²", f"{r['blocks']} ({r['encoder_blocks']})", f"{r['gflops_full_call']:,.1f}",
+        out.append([r["model"], size_label(r["resolution"]), f"{r['blocks']} ({r['encoder_blocks']})", f"{r['gflops_full_call']:,.1f}",
                     f"{fr['encoder']:.3f}", f"{fr['deep']:.3f}", f"{fr['deep_cfg']:.3f}", runs])
     return common.markdown_table(headers, out)
 
