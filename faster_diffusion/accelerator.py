@@ -28,7 +28,7 @@ the accelerator wraps that method, so a *run* starts when the loop starts and en
 
 With ``plan`` instead of ``key_steps``, every step has a level of reuse (``family.LEVELS``: full,
 encoder, shallow, deep, ...; each family supports some); ``plan="auto"`` / ``"auto:T"`` are chosen at the
-first UNet call from the calibration's error model and this device's cost model, measured then on the
+first model call from the calibration's error model and this device's cost model, measured then on the
 run's own inputs (``faster_diffusion.plan``). Key steps are the plan of full and encoder steps.
 
 A custom sampling loop can use ``with accel.denoising_run(timesteps): ...``.
@@ -88,8 +88,8 @@ logger = logging.getLogger("faster_diffusion")
 #: decoder-group sizes the cost model times (others are interpolated)
 TIMED_GROUPS = (1, 2, 4, 8)
 MAX_DERIVED = 64  # calibrations derived for plans kept by an accelerator (a few KB to ~200 KB each)
-#: cost models measured in this process: UNet -> {(sample shape, dtype, device): CostModel}; every accelerator
-#: of a UNet shares them, so that enabling one again does not measure again
+#: cost models measured in this process: denoiser -> {(sample shape, dtype, device): CostModel}; every accelerator
+#: of a model shares them, so that enabling one again does not measure again
 _COST_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -141,20 +141,20 @@ class AcceleratorConfig:
 
 @dataclass
 class _Run:
-    """State of one denoising run. Timesteps and levels are resolved at the first UNet call if not given."""
+    """State of one denoising run. Timesteps and levels are resolved at the first model call if not given."""
 
     num_steps: int
-    levels: list | None  # the level of every step; None until resolved at the first UNet call
+    levels: list | None  # the level of every step; None until resolved at the first model call
     timesteps: list | None = None
     schedule_source: str = ""
     recorder: FeatureRecorder | None = None  # set when this run calibrates
-    step: int = 0  # index of the next UNet call
+    step: int = 0  # index of the next step (its model call, or its first branch's)
     precomputed: dict = field(default_factory=dict)  # (step, guidance branch) -> (timestep, noise prediction)
-    output_class: type | None = None  # the UNet's own output class, for the steps answered from `precomputed`
+    output_class: type | None = None  # the model's own output class, for the steps answered from `precomputed`
     initial_latent: torch.Tensor | None = None
     scheduler_steps: int = 0
-    groups: dict | None = None  # first step -> the steps whose decoders its UNet call runs (from the levels, once)
-    calls: list = field(default_factory=list)  # (level, decoder group size) of every UNet call (a step's first branch)
+    groups: dict | None = None  # first step -> the steps whose decoders its model call runs (from the levels, once)
+    calls: list = field(default_factory=list)  # (level, decoder group size) of every model call (a step's first branch)
     noise_injection: float = 0.0  # as applied (none with a scheduler without scale_model_input)
     conditional_output: torch.Tensor | None = None  # a step's first-branch output, until its second branch's call
     reuses_guidance: bool = False  # the levels have conditional-only steps
@@ -313,7 +313,7 @@ class FasterDiffusion:
     @contextlib.contextmanager
     def denoising_run(self, timesteps=None):
         """Brackets one sampling loop. ``timesteps``: the loop's timesteps; if None, read from the
-        pipeline's scheduler at the first UNet call (the loop may run a head or tail of them)."""
+        pipeline's scheduler at the first model call (the loop may run a head or tail of them)."""
         if not self._enabled:
             raise RuntimeError("faster_diffusion: denoising_run() on a disabled accelerator")
         if self._run is not None:
@@ -329,7 +329,7 @@ class FasterDiffusion:
         else:  # SD-family pipelines set _num_timesteps just before their loop
             num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
         # Resolving the levels here makes a bad spec fail before any sampling step; a calibrated one
-        # waits for the first UNet call (it needs the timesteps and latent size), still before any step.
+        # waits for the first model call (it needs the timesteps and latent size), still before any step.
         self._run = _Run(num_steps, self._static_levels(num_steps), timesteps, loop_locals=loop_locals)
         scheduler = getattr(self.pipe, "scheduler", None) if self.noise_injection > 0 else None
         if not hasattr(scheduler, "scale_model_input"):  # a flow-matching latent is no variance-preserving one
@@ -396,7 +396,7 @@ class FasterDiffusion:
             self._iteration = None
 
     def _resolve_timesteps(self, timestep) -> None:
-        """Finds the loop's timesteps in the pipeline scheduler's list from the first UNet call."""
+        """Finds the loop's timesteps in the pipeline scheduler's list from the first model call."""
         all_t = list(self.pipe.scheduler.timesteps)
         t = as_float(timestep)
         n = min(self._run.num_steps, len(all_t))
