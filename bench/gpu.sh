@@ -13,8 +13,9 @@
 #                      stock / sequential / parallel (encoder propagation, paper schedule)
 #   4. speed, compiled: DDIM-50 batch 1 with torch.compile (per block) + channels_last
 #   2b. transformers (bench/peers_transformers.py): SD3.5-medium's and FLUX.1-dev's architectures (random
-#                      weights) at 512² bf16, 28 steps, 2 prompts: our explicit plans and the paper's encoder
-#                      propagation next to diffusers' FirstBlockCache and TaylorSeerCache, time, FLOPs, PSNR
+#                      weights) at 512² bf16, 28 steps, 2 prompts: the planner (plan:auto and auto:2, from a
+#                      calibration made first within 12 stock images), explicit plans, 14 steps and the paper's
+#                      encoder propagation next to diffusers' FirstBlockCache and TaylorSeerCache, time, FLOPs, PSNR
 #   5. FLOPs: SD1.5 512², paper schedules (CPU, meta device)
 #   6. setup on weights that ship no calibration (bench/setup_cost.py): SD1.5 architecture (random
 #                      weights) 512² fp16, the service's budgeted calibration (default 30 stock images
@@ -126,7 +127,7 @@ else
     # of ~1-2 s (FLUX.1-dev 512², 28 steps, one call a step with its guidance embedding)
     TRANSFORMERS=("sd35-medium" "flux-dev")
     TRANSFORMER_ARGS=(--device cuda --dtype bf16 --resolution 512 --steps 28 --num-prompts 2 --repeats 1)
-    T_TRANSFORMER=150
+    T_TRANSFORMER=200
     # budgeted: saving and loading the random weights (~30 s), 30 stock images (~40 s at ~1.3 s an image), and the
     # reference image timed; thorough: ~4 prompts x 90 stock images, ~8 min: it runs with what the budget leaves
     T_EAGER=120; T_OPT=150; T_FLOPS=60; T_PEERS=420; T_SETUP=150; T_THOROUGH=540
@@ -137,11 +138,11 @@ PEER_METHODS=stock,deepcache:2,deepcache:3,deepcache:4,deepcache:5,tome:0.5,fd:u
 step "peers (planner, DeepCache, ToMe)" "$T_PEERS" "$PY" bench/peers.py "${PEERS[@]}" --methods "$PEER_METHODS" \
     --out "$RESULTS/peers" --plot "$RESULTS/peers.png"
 # (plan:FOFO...: half the steps call no model, what two-step Euler segments cost; steps:14 is the stock call at half the steps)
-TRANSFORMER_METHODS=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFYYFYYFYYFYYFYYFYYFYYFYYFYY
+TRANSFORMER_METHODS=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:auto,plan:auto:2,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFYYFYYFYYFYYFYYFYYFYYFYYFYY
 for arch in "${TRANSFORMERS[@]}"; do
     # (FLUX.1-dev has a guidance embedding: no second call a step, so no C/Y levels to skip it; Y falls back there)
     methods=$TRANSFORMER_METHODS
-    [ "$arch" = "flux-dev" ] && methods=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFXXFXXFXXFXXFXXFXXFXXFXXFXX
+    [ "$arch" = "flux-dev" ] && methods=fbc:0.1,taylorseer:3,fd:paper,steps:14,plan:auto,plan:auto:2,plan:FOFOFOFOFOFOFOFOFOFOFOFOFOFO,plan:FDDFDDFDDFDDFDDFDDFDDFDDFDDF,plan:FFXXFXXFXXFXXFXXFXXFXXFXXFXX
     step "transformer peers ($arch)" "$T_TRANSFORMER" "$PY" bench/peers_transformers.py --model "$arch" "${TRANSFORMER_ARGS[@]}" \
         --methods "$methods" --out "$RESULTS/peers_$arch"
 done

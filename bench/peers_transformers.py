@@ -143,7 +143,7 @@ def mag_calibration(pipe, call) -> list[float]:
 
 
 @contextlib.contextmanager
-def applied(method: str, pipe, mag_ratios):
+def applied(method: str, pipe, mag_ratios, calibration=None):
     import faster_diffusion
 
     if method == "stock" or method.startswith("steps:"):
@@ -159,7 +159,7 @@ def applied(method: str, pipe, mag_ratios):
         return
     name, _, spec = method.partition(":")
     options = {"key_steps": spec} if name == "fd" else {"plan": spec}
-    accel = faster_diffusion.enable(pipe, **options)
+    accel = faster_diffusion.enable(pipe, **options, calibration=calibration)
     try:
         yield accel
     finally:
@@ -183,6 +183,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-flops", dest="flops", action="store_false")
+    ap.add_argument("--calibration-budget", type=float, default=12.0,
+                    help="random weights: the stock images plan:auto's calibration is made within, before any timing "
+                         "(the bundled model plans from the calibrations it ships)")
     ap.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "peers_transformers_cpu_tiny_shapes_flux")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -215,18 +218,25 @@ def main() -> int:
                     generator=torch.Generator().manual_seed(seed), **fixed)
 
     mag_ratios = mag_calibration(pipe, call(*items[0])) if any(m.startswith("magcache") for m in methods) else None
+    calibration = None
+    if not trained and any(m.startswith("plan:auto") for m in methods):  # random weights ship no calibration
+        import faster_diffusion
+
+        started = time.perf_counter()
+        calibration = faster_diffusion.calibrate(pipe, [items[0][0]], args.steps, plans=True, compute_budget=args.calibration_budget, **fixed)
+        print(f"  plan:auto's calibration: {calibration.info['spent']} stock images in {time.perf_counter() - started:.1f}s", flush=True)
     seconds = {m: [] for m in methods}
     images = {m: {} for m in methods}
     stats = {}
     for m in methods:  # warm-up
-        with applied(m, pipe, mag_ratios):
+        with applied(m, pipe, mag_ratios, calibration):
             for _ in range(args.warmup):
                 pipe(**call(*items[0], m))
     for r in range(args.repeats):
         for k, (prompt, seed) in enumerate(items):
             shift = (r * len(items) + k) % len(methods)
             for m in methods[shift:] + methods[:shift]:
-                with applied(m, pipe, mag_ratios) as accel:
+                with applied(m, pipe, mag_ratios, calibration) as accel:
                     synchronize()
                     begin = time.perf_counter()
                     out = pipe(**call(prompt, seed, m)).images
@@ -240,7 +250,7 @@ def main() -> int:
     flops = {}
     if args.flops:
         for m in methods:
-            with applied(m, pipe, mag_ratios), FlopCounterMode(display=False) as counter:
+            with applied(m, pipe, mag_ratios, calibration), FlopCounterMode(display=False) as counter:
                 pipe(**call(*items[0], m))
             flops[m] = counter.get_total_flops() / args.batch
     rows = []
