@@ -793,7 +793,10 @@ def _fit_error_model(pipe, recorded: _StockRun, final, prompts, generators, num_
     def prediction(outputs: dict) -> torch.Tensor:
         """What the sampler reads from a step's outputs ({branch: output}): the guided prediction."""
         outputs = {branch: family.prediction(model, output) for branch, output in outputs.items()}
-        return guidance.combine(outputs) if guidance is not None else outputs[""]
+        if guidance is None:  # one call a step (its branch is "", or Flux's "cond" without a negative prompt)
+            (output,) = outputs.values()
+            return output
+        return guidance.combine(outputs)
 
     stock = [prediction({branch: output for branch, (_, output) in step.items()}) for step in steps_calls]
     levels = [lv for lv in family.supported_levels(model, guided=guidance is not None) if lv != FULL]

@@ -129,6 +129,20 @@ def test_another_size_is_predicted_from_the_flop_curve(calibrated):
     faster_diffusion.disable(pipe)
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_unguided_runs_calibrate_and_plan(name):
+    """Without guidance (Flux without a negative prompt: one call a step, still in cache_context("cond")) the error
+    model has no conditional-only level and auto plans from it."""
+    pipe = PIPELINES[name][0]()
+    unguided = {**call_kwargs(name), **({"negative_prompt": None} if name == "flux" else {"guidance_scale": 1.0})}
+    calibration = faster_diffusion.calibrate(pipe, PROMPTS, STEPS, plans=True, compute_budget=BUDGET, **unguided)
+    assert set(calibration.error_model.error) == {"encoder", "output", "deep", "deep_forecast"}
+    accel = faster_diffusion.enable(pipe, plan="auto:1.5", calibration=calibration)
+    pipe("a red square", num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(0), **unguided)
+    assert set(accel.stats["plan"]) - {"F"} and not set(accel.stats["plan"]) & {"C", "Y"}
+    faster_diffusion.disable(pipe)
+
+
 def test_key_steps_auto_calibrates_on_the_first_run():
     name = "flux"
     pipe = PIPELINES[name][0]()
