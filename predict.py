@@ -32,11 +32,11 @@ import torch
 from cog import BaseRunner, Input, Path
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-from faster_diffusion.calibration import shipped_calibrations
+from faster_diffusion.calibration import Calibration, shipped_calibrations
 from service import calibrations, safety
 from service.memory import bound_thread_caches, release_freed_memory
 from service.plans import CostModelStore
-from service.cache import weights_identity
+from service.cache import JsonCache, weights_identity
 from service.lora import applied_lora, resolve_lora
 from service.report import counted, passes_line
 from service.request import ACCELERATIONS, Acceleration, Planner, accelerated
@@ -101,14 +101,15 @@ class Predictor(BaseRunner):
         self.denoiser = transformer
         self.schedulers = flow_schedulers(self.pipe)
         self.planner = Planner(self.pipe, schedulers=self.schedulers)
-        self.store = self.cost_models = None
+        self.store = None
+        self.cost_models = CostModelStore(transformer, weights_identity(resolved.path), self.device)  # a restart times nothing
         self.made_calibrations = []  # made at setup or by a first run, newest last (the shipped ones the library reads)
         defaults = self.planner.defaults
         guidance = defaults.guidance + (" (distilled)" if defaults.distilled else "")
         shipped = self._calibrate_transformer_at_setup(resolved.path)
         self._warm_up()
-        acceleration = (f"plan='auto' from the weights' {shipped}" if shipped else
-                        "plan='auto' from the calibration made at setup") + " (derived for other samplers, steps and sizes)"
+        self.cost_models.save_new()
+        acceleration = f"plan='auto' from {shipped} (derived for other samplers, steps and sizes)"
         dtype = str(transformer.dtype).replace("torch.", "")
         print(
             f"setup: loaded {resolved.path} ({type(self.pipe).__name__} with a {type(transformer).__name__}, {dtype} on "
@@ -121,23 +122,32 @@ class Predictor(BaseRunner):
 
     def _calibrate_transformer_at_setup(self, model_dir) -> str:
         """Transformer weights: what they ship for the default call (script/calibrate), else a calibration made here
-        within the setup budget, as for Stable Diffusion weights; returns what was shipped ("" if nothing)."""
+        within the setup budget, as for Stable Diffusion weights, kept in the cache for the next start; returns which."""
         defaults = self.planner.defaults
         size, steps, scheduler = defaults.native_size, defaults.num_inference_steps, defaults.scheduler
         shipped = [c for c in shipped_calibrations(model_dir) if c.error_model is not None]
         if any(c.info.get("service_scheduler") == scheduler and c.num_steps == steps for c in shipped):
-            return f"{len(shipped)} shipped calibrations"
-        started, budget = time.perf_counter(), self.setup_budget
+            return f"the weights' {len(shipped)} shipped calibrations"
+        budget = self.setup_budget
+        cache = JsonCache("setup-calibrations", weights_identity(model_dir))
+        name = f"{scheduler}-{steps}steps-{size}px-" + ("thorough" if budget is None else f"budget{budget:g}")
+        kept = [data for path, data in cache.load_all() if path.stem == name]
+        if kept:  # made by an earlier start of this server on these weights
+            self.made_calibrations.append(Calibration.from_dict(kept[-1]))
+            print(f"calibration of {scheduler}-{steps} at {size}x{size} from the cache ({cache.folder})", flush=True)
+            return "the calibration an earlier start made (cache)"
+        started = time.perf_counter()
         spend = None if budget is None else budget - calibrations.WARM_UP_IMAGES
         arguments = self.planner.guidance_arguments("", defaults.guidance_scale)
         calibration = calibrations.calibrate(self.pipe, scheduler, steps, size, size, calibrations.calibration_prompts(model_dir),
                                              self.base_config, plans=True, compute_budget=spend, arguments=arguments)
         calibration.info["source"] = "calibrated at setup" + ("" if budget is None else f" within {spend:g} stock images")
         self.made_calibrations.append(calibration)
+        cache.put(name, calibration.to_dict())
         cost = "thorough" if budget is None else f"{calibration.info['spent']:g} of {spend:g} stock images"
         print(f"calibrated {scheduler}-{steps} at {size}x{size} at setup ({cost}) in {time.perf_counter() - started:.1f}s: "
               f"plan auto={calibration.error_model.info['validation']['plan']}", flush=True)
-        return ""
+        return "the calibration made at setup"
 
     def _warm_up(self) -> None:
         """One untimed run of the defaults: the planner measures this device's cost model for one image at
@@ -337,6 +347,7 @@ class Predictor(BaseRunner):
         elif accel is not None:  # transformers: a first run's key-step calibration serves the next runs
             self.made_calibrations = [*self.made_calibrations, *accel.calibrations][-MAX_MADE_CALIBRATIONS:]
             accel.calibrations.clear()
+            self.cost_models.save_new()
         print(f"wall_time={elapsed:.2f}s ({num_inference_steps / elapsed:.1f} steps/s)", flush=True)
         release_freed_memory()  # a new size's freed buffers back to the system: memory does not creep
         flags = getattr(result, "nsfw_content_detected", None)

@@ -22,6 +22,7 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from service import calibrations
 
@@ -112,10 +113,10 @@ def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_d
     setup_log = capsys.readouterr().out
     assert "FluxPipeline with a FluxTransformer2DModel" in setup_log, setup_log
     planner, defaults = predictor.planner, predictor.planner.defaults
-    # no UNet parts: no derived img2img / inpainting pipelines, no cost-model store; weights that ship no calibration
-    # are calibrated at setup within its budget, as Stable Diffusion weights are
+    # no UNet parts: no derived img2img / inpainting pipelines, no store of derived calibrations; weights that ship no
+    # calibration are calibrated at setup within its budget, as Stable Diffusion weights are
     assert planner.img2img is None and planner.inpaint is None
-    assert predictor.store is None and predictor.cost_models is None
+    assert predictor.store is None and predictor.cost_models.models  # the warm-up's cost model, kept for a restart
     (made,) = predictor.calibrations
     assert made.error_model is not None and made.info["spent"] <= calibrations.SETUP_BUDGET - calibrations.WARM_UP_IMAGES
     assert "calibrated FlowMatchEuler-28 at 32x32 at setup" in setup_log and "from the calibration made at setup" in setup_log
@@ -142,6 +143,30 @@ def test_flux_weights_load_from_cog_weights_and_predict_at_their_defaults(flux_d
     assert "schedule_source='calibrating: this run is stock" in capsys.readouterr().out
     run(predictor, prompt=PROMPT, seed=1, key_steps="auto", width=48, height=48)
     assert int(re.search(r"encoder_passes=(\d+) ", capsys.readouterr().out).group(1)) < 28
+
+
+def test_a_restarted_server_on_flux_weights_calibrates_and_times_nothing(flux_dir, capsys):
+    """Setup's calibration and the warm-up's cost model are kept in the cache directory: the second start on the
+    same weights reads both, spends no compute on either, and serves the same plan."""
+    from predict import Predictor
+
+    first = Predictor()
+    first.setup(str(flux_dir))
+    (image,) = run(first, prompt=PROMPT, seed=2)
+    first_log = capsys.readouterr().out
+    second = Predictor()
+    with FlopCounterMode(display=False) as counter:
+        second.setup(str(flux_dir))
+    setup_log = capsys.readouterr().out
+    assert "from the cache" in setup_log and "calibrated FlowMatchEuler" not in setup_log, setup_log
+    # what setup computed: the warm-up's one image (28 steps, two calls each), nothing measured or calibrated
+    with FlopCounterMode(display=False) as one_image:
+        run(second, prompt=PROMPT, seed=2, acceleration="none")
+    capsys.readouterr()
+    assert counter.get_total_flops() < 1.5 * one_image.get_total_flops()
+    (again,) = run(second, prompt=PROMPT, seed=2)
+    plan = lambda log: re.search(r"plan=(\w+)", log).group(1)  # noqa: E731
+    assert plan(capsys.readouterr().out) == plan(first_log) and np.array_equal(again, image)
 
 
 def test_the_service_calls_flux_as_its_default_call(flux):
