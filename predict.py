@@ -32,11 +32,11 @@ import torch
 from cog import BaseRunner, Input, Path
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-from faster_diffusion.calibration import Calibration, shipped_calibrations
+from faster_diffusion.calibration import shipped_calibrations
 from service import calibrations, safety
 from service.memory import bound_thread_caches, release_freed_memory
 from service.plans import CostModelStore
-from service.cache import JsonCache, weights_identity
+from service.cache import weights_identity
 from service.lora import applied_lora, resolve_lora
 from service.report import counted, passes_line
 from service.request import ACCELERATIONS, Acceleration, Planner, accelerated
@@ -129,12 +129,13 @@ class Predictor(BaseRunner):
         if any(c.info.get("service_scheduler") == scheduler and c.num_steps == steps for c in shipped):
             return f"the weights' {len(shipped)} shipped calibrations"
         budget = self.setup_budget
-        cache = JsonCache("setup-calibrations", weights_identity(model_dir))
-        name = f"{scheduler}-{steps}steps-{size}px-" + ("thorough" if budget is None else f"budget{budget:g}")
-        kept = [data for path, data in cache.load_all() if path.stem == name]
-        if kept:  # made by an earlier start of this server on these weights
-            self.made_calibrations.append(Calibration.from_dict(kept[-1]))
-            print(f"calibration of {scheduler}-{steps} at {size}x{size} from the cache ({cache.folder})", flush=True)
+        # the service's calibration cache, under a name (a flow sampler's timesteps depend on the pipeline's shift)
+        store = calibrations.CalibrationStore(model_dir, weights_identity(model_dir))
+        name = f"setup-{scheduler}-{steps}steps-{size}px-" + ("thorough" if budget is None else f"budget{budget:g}")
+        kept = store.named(name)
+        if kept is not None:  # made by an earlier start of this server on these weights
+            self.made_calibrations.append(kept)
+            print(f"calibration of {scheduler}-{steps} at {size}x{size} from the cache ({store.cache.folder})", flush=True)
             return "the calibration an earlier start made (cache)"
         started = time.perf_counter()
         spend = None if budget is None else budget - calibrations.WARM_UP_IMAGES
@@ -143,7 +144,7 @@ class Predictor(BaseRunner):
                                              self.base_config, plans=True, compute_budget=spend, arguments=arguments)
         calibration.info["source"] = "calibrated at setup" + ("" if budget is None else f" within {spend:g} stock images")
         self.made_calibrations.append(calibration)
-        cache.put(name, calibration.to_dict())
+        store.add(scheduler, calibration, setup=True, key=name)
         cost = "thorough" if budget is None else f"{calibration.info['spent']:g} of {spend:g} stock images"
         print(f"calibrated {scheduler}-{steps} at {size}x{size} at setup ({cost}) in {time.perf_counter() - started:.1f}s: "
               f"plan auto={calibration.error_model.info['validation']['plan']}", flush=True)

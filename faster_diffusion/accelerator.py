@@ -617,18 +617,15 @@ class FasterDiffusion:
             for _ in range(5):  # rounds, interleaved; the least of each is the least disturbed by other work
                 for level, group in timings:
                     timings[level, group].append(seconds(level, group))
-            flops = {level: count_flops(lambda lv=level: self._call_model(original_forward, call, lv, [t]))
-                     for level in [FULL, *levels] if level != OUTPUT}
+            # (an output step calls no model: nothing to time or count)
+            flops = {level: 0.0 if level == OUTPUT else count_flops(lambda lv=level: self._call_model(original_forward, call, lv, [t]))
+                     for level in [FULL, *levels]}
             curve = self._flop_curve(original_forward, call, flops)
-        if OUTPUT in levels:  # a step that calls no model
-            flops[OUTPUT] = 0.0
-            if curve:
-                curve[OUTPUT] = [0.0, 0.0, 0.0]
         self._mode.keep_decoder, self._mode.keep_history = keep
         if forecast is not None:
             forecast.set_history([])
         calls = self._mode.guidance.calls if self._guided() else (lambda level: 1)
-        least = {k: min(v) * calls(k[0]) for k, v in timings.items()} | {(OUTPUT, 1): 0.0}
+        least = {k: min(v) * calls(k[0]) for k, v in timings.items()} | {(OUTPUT, 1): 0.0}  # (never timed)
         # measured once and then fixed, so that a plan is chosen once per spec, error model and cost model
         cost = CostModel(
             full={g: least[FULL, g] for g in TIMED_GROUPS},
@@ -652,7 +649,8 @@ class FasterDiffusion:
         if any(c is None for c in resized):
             return {}
         rows = self.family.latent(call).shape[0]
-        counted = [level for level in flops if level not in FORECASTING]  # a forecast does the multiply-adds of the level it forecasts
+        # a forecast does the multiply-adds of the level it forecasts; a level that computes nothing (output) stays 0
+        counted = [level for level in flops if level not in FORECASTING and flops[level]]
         per_row = {level: [flops[level] / rows] for level in counted}
         for bigger in resized:
             for level in counted:  # full first: the replaying levels read what it keeps at this size
@@ -661,6 +659,7 @@ class FasterDiffusion:
         powers = np.stack([np.ones(3), pixels, pixels**2], axis=1)
         curve = {level: np.linalg.solve(powers, np.array(counts)).tolist() for level, counts in per_row.items()}
         curve.update({level: curve[base] for level, base in FORECASTING.items() if level in flops})
+        curve.update({level: [0.0, 0.0, 0.0] for level in flops if not flops[level]})
         return curve
 
     def _step_overhead(self, call) -> float:

@@ -514,8 +514,9 @@ def calibrate(pipe, prompts, num_inference_steps: int = 50, seeds=None, plans: b
         raise TypeError(f"calibrate needs a pipeline with a supported UNet or transformer; got {type(pipe).__name__}")
     family, model = found
     plans = plans and len(family.supported_levels(model)) > 2
-    if plans and family.plans_unsupported(pipe):
-        raise ValueError(f"plans=True: {family.plans_unsupported(pipe)}")
+    why_not = family.plans_unsupported(pipe) if plans else None
+    if why_not:
+        raise ValueError(f"plans=True: {why_not}")
     if plans and isinstance(generator, torch.Generator) and len(prompts) > 1:
         raise ValueError("generator: fitting plans reruns the prompts in copies; give one generator a prompt, or seeds")
     accel = getattr(model, "_faster_diffusion", None)

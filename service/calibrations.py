@@ -201,6 +201,10 @@ class CalibrationStore:
                 return calibration
         return None
 
+    def named(self, key: str):
+        """The calibration kept on disk under ``key`` (``add(..., key=key)``), or None."""
+        return self._read(key) if key in self.cached else None
+
     def _read(self, key: str):
         data = self.cache.load(self.cached[key])
         try:
